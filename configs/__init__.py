@@ -1,0 +1,33 @@
+"""The pipeline's config tree (pydantic) and its YAML presets."""
+
+from configs.schema import (
+    ConfigError,
+    DataConfig,
+    EvalConfig,
+    ModelConfig,
+    PipelineConfig,
+    ProfileConfig,
+    SampleConfig,
+    StorageConfig,
+    TokenizeConfig,
+    TrainConfig,
+    describe,
+    load_config,
+    parse_overrides,
+)
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "EvalConfig",
+    "ModelConfig",
+    "PipelineConfig",
+    "ProfileConfig",
+    "SampleConfig",
+    "StorageConfig",
+    "TokenizeConfig",
+    "TrainConfig",
+    "describe",
+    "load_config",
+    "parse_overrides",
+]

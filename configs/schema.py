@@ -1,0 +1,278 @@
+"""The one config tree of the pipeline, loaded from a YAML preset plus dotted overrides.
+
+Each section maps to one stage (data → profile → tokenize → model/train → eval → sample)
+and to one place in the code. Unknown keys and bad values are rejected with a one-line
+`ConfigError` that names the key and how to fix it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PRESETS_DIR = Path(__file__).resolve().parent
+STORAGE_ROOT_ENV = "FWP_STORAGE_ROOT"
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message is one line."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    """Where the FineWeb parquet comes from."""
+
+    source: str | list[str] = Field(
+        description="URL, path or glob (or a list): local, file://, https://, hf://, s3://, "
+        "memory://, or demo://python-docs for the embedded offline demo corpus"
+    )
+    text_column: str = "text"
+    max_rows: int | None = Field(
+        default=None, ge=1, description="take only the first row groups that hold this many rows"
+    )
+
+    @property
+    def sources(self) -> list[str]:
+        return [self.source] if isinstance(self.source, str) else list(self.source)
+
+    @field_validator("source")
+    @classmethod
+    def _non_empty(cls, value: str | list[str]) -> str | list[str]:
+        items = [value] if isinstance(value, str) else value
+        if not items or any(not str(item).strip() for item in items):
+            raise ValueError("must name at least one non-empty URL, path or glob")
+        return value
+
+
+class ProfileConfig(Section):
+    short_doc_chars: int = Field(default=200, ge=1, description="documents shorter than this count as short")
+    top_domains: int = Field(default=20, ge=1)
+
+
+class TokenizeConfig(Section):
+    encoding: Literal["gpt2"] = "gpt2"
+    val_fraction: float = Field(default=0.01, gt=0.0, lt=1.0, description="share of documents held out")
+    shard_tokens: int = Field(default=100_000_000, ge=1024, description="tokens per .bin shard")
+    num_workers: int = Field(default=0, ge=0, description="tokenizer processes; 0 = one per core")
+    seed: int = 1337
+
+
+class ModelConfig(Section):
+    """nanoGPT's GPTConfig."""
+
+    n_layer: int = Field(default=12, ge=1)
+    n_head: int = Field(default=12, ge=1)
+    n_embd: int = Field(default=768, ge=1)
+    block_size: int = Field(default=1024, ge=2)
+    vocab_size: int = Field(default=50304, ge=50257, description="GPT-2's 50257 padded to a multiple of 64")
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    bias: bool = False
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> ModelConfig:
+        if self.n_embd % self.n_head:
+            raise ValueError(
+                f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})"
+            )
+        return self
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count exactly as nanoGPT reports it (position embeddings excluded by default)."""
+        d, L, V, T = self.n_embd, self.n_layer, self.vocab_size, self.block_size
+        bias = 1 if self.bias else 0
+        ln = d + bias * d
+        attn = d * 3 * d + bias * 3 * d + d * d + bias * d
+        mlp = d * 4 * d + bias * 4 * d + 4 * d * d + bias * d
+        per_layer = 2 * ln + attn + mlp
+        total = V * d + T * d + L * per_layer + ln  # wte (tied with lm_head) + wpe + blocks + ln_f
+        return total - T * d if non_embedding else total
+
+    def flops_per_token(self) -> int:
+        """Training FLOPs per token (forward + backward), PaLM appendix B as in nanoGPT."""
+        return 6 * self.num_params() + 12 * self.n_layer * self.n_embd * self.block_size
+
+
+class TrainConfig(Section):
+    run_name: str | None = Field(default=None, description="checkpoints live under runs/<run_name>; default: the preset name")
+    max_iters: int = Field(default=6000, ge=1)
+    batch_size: int = Field(default=16, ge=1, description="micro-batch sequences per device")
+    grad_accum_steps: int = Field(default=1, ge=1, description="micro-steps per optimizer step (whole job)")
+    learning_rate: float = Field(default=6e-4, gt=0)
+    min_lr: float = Field(default=6e-5, ge=0)
+    schedule: Literal["cosine", "wsd"] = "cosine"
+    warmup_iters: int = Field(default=700, ge=0)
+    lr_decay_iters: int | None = Field(default=None, ge=1, description="default: max_iters")
+    wsd_decay_fraction: float = Field(default=0.2, gt=0, le=1, description="WSD: share of iterations spent decaying")
+    continue_policy: Literal["rewarm", "extend"] = Field(
+        default="rewarm",
+        description="when max_iters grows past a finished run: 'rewarm' warms up again to "
+        "learning_rate then decays to the new max_iters; 'extend' stretches the "
+        "schedule as if max_iters had been the target from the start (WSD: continue stable, then decay)",
+    )
+    rewarm_iters: int = Field(default=200, ge=0)
+    weight_decay: float = Field(default=0.1, ge=0)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = Field(default=1.0, ge=0, description="0 disables clipping")
+    eval_interval: int = Field(default=250, ge=1)
+    eval_iters: int = Field(default=20, ge=1, description="val batches per evaluation")
+    log_interval: int = Field(default=10, ge=1)
+    checkpoint_interval: int = Field(default=500, ge=1)
+    keep_last_checkpoints: int = Field(default=3, ge=1)
+    compile: bool = True
+    device: str = Field(default="auto", description="auto, cpu, cuda, cuda:N, mps")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    fused_adamw: bool | None = Field(default=None, description="default: fused where the device supports it")
+    num_threads: int | None = Field(default=None, ge=1, description="torch CPU threads; default: all cores")
+    peak_tflops: float | None = Field(default=None, gt=0, description="device peak for MFU; default: looked up by GPU name")
+    nproc_per_node: int = Field(default=1, ge=1, description=">1 launches torchrun from the train task")
+    seed: int = 1337
+
+    @model_validator(mode="after")
+    def _lr_order(self) -> TrainConfig:
+        if self.min_lr > self.learning_rate:
+            raise ValueError(f"train.min_lr ({self.min_lr}) must not exceed train.learning_rate ({self.learning_rate})")
+        return self
+
+
+class EvalConfig(Section):
+    max_batches: int = Field(default=50, ge=1, description="val batches for the final evaluation")
+    batch_size: int = Field(default=8, ge=1)
+    hellaswag_path: str | None = Field(default=None, description="a HellaSwag jsonl (URL or path) to score; none skips it")
+    hellaswag_max_items: int | None = Field(default=None, ge=1)
+
+
+class SampleConfig(Section):
+    prompt: str = "The"
+    num_samples: int = Field(default=3, ge=1)
+    max_new_tokens: int = Field(default=64, ge=1)
+    temperature: float = Field(default=0.8, gt=0)
+    top_k: int | None = Field(default=200, ge=1)
+    seed: int = 1337
+
+
+class StorageConfig(Section):
+    root: str = Field(default="./artifacts", description=f"every output lives here; env {STORAGE_ROOT_ENV} overrides the preset")
+
+
+class PipelineConfig(Section):
+    name: str = Field(description="preset name; the default run name")
+    data: DataConfig
+    profile: ProfileConfig = ProfileConfig()
+    tokenize: TokenizeConfig = TokenizeConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    sample: SampleConfig = SampleConfig()
+    storage: StorageConfig = StorageConfig()
+
+    @property
+    def run_name(self) -> str:
+        return self.train.run_name or self.name
+
+    def tokens_per_iter(self) -> int:
+        """Tokens per optimizer step for the whole job (micro-steps are split across ranks)."""
+        return self.train.batch_size * self.model.block_size * self.train.grad_accum_steps
+
+    @model_validator(mode="after")
+    def _batch_divides_accumulation(self) -> PipelineConfig:
+        if self.train.grad_accum_steps % self.train.nproc_per_node:
+            raise ValueError(
+                f"train.grad_accum_steps ({self.train.grad_accum_steps}) must be divisible by "
+                f"train.nproc_per_node ({self.train.nproc_per_node})"
+            )
+        return self
+
+
+def resolve_config_path(config: str | os.PathLike) -> Path:
+    """A path, or a preset name such as `demo` that names configs/demo.yaml."""
+    path = Path(config)
+    if path.exists():
+        return path
+    preset = PRESETS_DIR / f"{config}.yaml"
+    if preset.exists():
+        return preset
+    known = ", ".join(sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")))
+    raise ConfigError(f"config file {config!s} not found; pass a YAML path or one of the presets: {known}")
+
+
+def parse_overrides(overrides: list[str] | dict[str, Any] | None) -> dict[str, Any]:
+    """`["train.max_iters=100", ...]` or `{"train.max_iters": 100}` → a flat dict of dotted keys."""
+    if not overrides:
+        return {}
+    if isinstance(overrides, dict):
+        return dict(overrides)
+    parsed: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not KEY=VALUE; write e.g. --set train.max_iters=100")
+        parsed[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+    return parsed
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted}: {part} is a value, not a section")
+        node = child
+    node[leaf] = value
+
+
+def _one_line(error: ValidationError, origin: str) -> str:
+    problems = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            problems.append(f"{where}: unknown key (check the spelling against configs/schema.py)")
+        elif item["type"] == "missing":
+            problems.append(f"{where}: required but missing")
+        else:
+            got = item.get("input")
+            shown = f" (got {got!r})" if not isinstance(got, dict) else ""
+            problems.append(f"{where}: {item['msg']}{shown}")
+    return f"invalid config {origin}: " + "; ".join(problems) + " — fix the YAML or the --set override"
+
+
+def load_config(
+    config: str | os.PathLike = "demo", overrides: list[str] | dict[str, Any] | None = None
+) -> PipelineConfig:
+    """Read a preset or YAML file, apply FWP_STORAGE_ROOT then dotted overrides, validate."""
+    path = resolve_config_path(config)
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else "syntax error"
+        raise ConfigError(f"config file {path} is not valid YAML: {first}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, not {type(tree).__name__}")
+    tree.setdefault("name", path.stem)
+    if os.environ.get(STORAGE_ROOT_ENV):
+        _set_dotted(tree, "storage.root", os.environ[STORAGE_ROOT_ENV])
+    for key, value in parse_overrides(overrides).items():
+        _set_dotted(tree, key, value)
+    try:
+        return PipelineConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_one_line(exc, str(path))) from None
+
+
+def describe(config: PipelineConfig) -> str:
+    """One line that makes the model size impossible to miss."""
+    m = config.model
+    params = m.num_params()
+    return (
+        f"preset {config.name}: {params / 1e6:.2f}M parameters (nanoGPT count, without position "
+        f"embeddings), {m.n_layer} layers × {m.n_head} heads × n_embd {m.n_embd}, block {m.block_size}, "
+        f"{config.tokens_per_iter():,} tokens/iter, {m.flops_per_token() / 1e6:.1f} MFLOPs/token"
+    )

@@ -1,0 +1,1 @@
+"""The model and everything that trains, evaluates and samples it. Never imports Prefect."""

@@ -1,0 +1,217 @@
+"""The artifact store: one folder per stage and version, published atomically.
+
+    <root>/<stage>/<version>/manifest.json   ← written last; its presence means "complete"
+    <root>/<stage>/<version>/...             ← the stage's files
+    <root>/<stage>/latest                    ← text file naming the newest version
+
+A version is a hash of what went in (inputs' versions, the config slice, the code
+version), so the same inputs give the same version and a changed config gives a new
+folder beside the old one. A stage builds into a temporary sibling folder and renames it
+into place, so a crash never leaves a half-written artifact that looks complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+MANIFEST = "manifest.json"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ArtifactError(RuntimeError):
+    """The artifact store cannot be written or read; the message is one line."""
+
+
+class FileEntry(BaseModel):
+    path: str
+    bytes: int
+    sha256: str
+
+
+class Manifest(BaseModel):
+    stage: str
+    version: str
+    created_at: float = Field(default_factory=time.time)
+    inputs: dict[str, Any] = {}
+    config: dict[str, Any] = {}
+    code_version: str = ""
+    files: list[FileEntry] = []
+    metrics: dict[str, Any] = {}
+
+
+@dataclass(frozen=True)
+class ArtifactRef:
+    """What a stage hands to the next: enough to find and trust its output."""
+
+    stage: str
+    version: str
+    path: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"stage": self.stage, "version": self.version, "path": self.path}
+
+
+def stable_hash(payload: Any, length: int = 16) -> str:
+    """sha256 of canonical JSON, shortened: the identity of a set of inputs."""
+    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:length]
+
+
+def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def code_version(modules: Iterable[str]) -> str:
+    """Hash of the source files (relative to the project root) that implement a stage."""
+    digest = hashlib.sha256()
+    for module in sorted(modules):
+        digest.update(module.encode())
+        digest.update((PROJECT_ROOT / module).read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """Write JSON to a temporary name, fsync, rename: readers see the old or the new file."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    with open(tmp, "w") as handle:
+        json.dump(payload, handle, indent=2, sort_keys=True, default=str)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def list_files(folder: Path) -> list[FileEntry]:
+    entries = []
+    for file in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
+        entries.append(FileEntry(path=file.relative_to(folder).as_posix(), bytes=file.stat().st_size, sha256=sha256_file(file)))
+    return entries
+
+
+class ArtifactStore:
+    """Versioned, atomically published stage outputs under one root folder."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root).expanduser().resolve()
+
+    def ensure_writable(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe = self.root / f".write-probe-{uuid.uuid4().hex[:8]}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise ArtifactError(
+                f"storage root {self.root} is not writable ({exc.strerror}); "
+                "pass --set storage.root=PATH or set FWP_STORAGE_ROOT to a writable folder"
+            ) from None
+
+    def path(self, stage: str, version: str) -> Path:
+        return self.root / stage / version
+
+    def exists(self, stage: str, version: str) -> bool:
+        return (self.path(stage, version) / MANIFEST).is_file()
+
+    def ref(self, stage: str, version: str) -> ArtifactRef:
+        return ArtifactRef(stage=stage, version=version, path=str(self.path(stage, version)))
+
+    def manifest(self, stage: str, version: str) -> Manifest:
+        file = self.path(stage, version) / MANIFEST
+        try:
+            return Manifest.model_validate_json(file.read_text())
+        except FileNotFoundError:
+            raise ArtifactError(f"artifact {stage}/{version} is missing under {self.root}; rerun its stage") from None
+
+    def latest(self, stage: str) -> str | None:
+        pointer = self.root / stage / "latest"
+        if not pointer.is_file():
+            return None
+        version = pointer.read_text().strip()
+        return version if self.exists(stage, version) else None
+
+    def publish(
+        self,
+        stage: str,
+        version: str,
+        build: Callable[[Path], dict[str, Any]],
+        *,
+        inputs: dict[str, Any] | None = None,
+        config: dict[str, Any] | None = None,
+        code: str = "",
+    ) -> Manifest:
+        """Run `build(tmp_dir) -> metrics`, then checksum, write the manifest and rename into place.
+
+        If the version already exists it is returned untouched. On any error the
+        temporary folder is removed and nothing published before is changed.
+        """
+        if self.exists(stage, version):
+            return self.manifest(stage, version)
+        self.ensure_writable()
+        final = self.path(stage, version)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.parent / f".{version}.{uuid.uuid4().hex[:8]}.tmp"
+        tmp.mkdir()
+        try:
+            metrics = build(tmp) or {}
+            manifest = Manifest(
+                stage=stage,
+                version=version,
+                inputs=inputs or {},
+                config=config or {},
+                code_version=code,
+                files=list_files(tmp),
+                metrics=metrics,
+            )
+            write_json_atomic(tmp / MANIFEST, manifest.model_dump())
+            fsync_dir(tmp)
+            if final.exists():  # an incomplete folder left by an older crash: never trusted
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            fsync_dir(final.parent)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        write_text_atomic(final.parent / "latest", version + "\n")
+        return manifest
+
+    def verify(self, stage: str, version: str) -> list[str]:
+        """Files whose size or sha256 no longer match the manifest (empty when intact)."""
+        manifest = self.manifest(stage, version)
+        folder = self.path(stage, version)
+        bad = []
+        for entry in manifest.files:
+            file = folder / entry.path
+            if not file.is_file() or file.stat().st_size != entry.bytes or sha256_file(file) != entry.sha256:
+                bad.append(entry.path)
+        return bad
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)

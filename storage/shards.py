@@ -1,0 +1,68 @@
+"""llm.c's token shard format, so shards interoperate with llm.c and modded-nanogpt.
+
+    header: 256 little-endian int32 — [0] magic 20240520, [1] version 1, [2] token count
+    body:   token count little-endian uint16 tokens
+
+Each document in a shard is preceded by `<|endoftext|>` (50256).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+MAGIC = 20240520
+VERSION = 1
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+TOKEN_DTYPE = np.dtype("<u2")
+
+
+class ShardError(ValueError):
+    """A file that is not a valid llm.c token shard; the message is one line."""
+
+
+def write_shard(path: str | os.PathLike, tokens: np.ndarray) -> None:
+    """Write tokens as an llm.c shard atomically (temporary name, fsync, rename)."""
+    tokens = np.asarray(tokens)
+    if tokens.size and (tokens.min() < 0 or tokens.max() > np.iinfo(TOKEN_DTYPE).max):
+        raise ShardError(f"{path}: token ids must fit in uint16 (0..65535)")
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[0], header[1], header[2] = MAGIC, VERSION, tokens.size
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(header.tobytes())
+        handle.write(tokens.astype(TOKEN_DTYPE, copy=False).tobytes())
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def read_header(path: str | os.PathLike) -> int:
+    """Validate the header and return the token count."""
+    path = Path(path)
+    with open(path, "rb") as handle:
+        raw = handle.read(HEADER_BYTES)
+    if len(raw) < HEADER_BYTES:
+        raise ShardError(f"{path}: shorter than the 1024-byte llm.c header; re-run the tokenize stage")
+    header = np.frombuffer(raw, dtype="<i4")
+    if header[0] != MAGIC:
+        raise ShardError(f"{path}: bad magic {header[0]} (expected {MAGIC}); not an llm.c token shard")
+    if header[1] != VERSION:
+        raise ShardError(f"{path}: unsupported shard version {header[1]} (expected {VERSION})")
+    count = int(header[2])
+    expected = HEADER_BYTES + count * TOKEN_DTYPE.itemsize
+    actual = path.stat().st_size
+    if actual != expected:
+        raise ShardError(f"{path}: {actual} bytes but the header promises {count} tokens ({expected} bytes); the shard is truncated or corrupt")
+    return count
+
+
+def read_shard(path: str | os.PathLike) -> np.memmap:
+    """Memory-map a shard's tokens (read-only, no copy into RAM)."""
+    count = read_header(path)
+    return np.memmap(path, dtype=TOKEN_DTYPE, mode="r", offset=HEADER_BYTES, shape=(count,))

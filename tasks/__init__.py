@@ -1,0 +1,1 @@
+"""One Prefect task per stage: thin adapters over gpt/ and storage/."""
