@@ -1,0 +1,54 @@
+"""Shared fixtures: a real Prefect server on a free loopback port, and paths to real data."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
+FINEWEB_SAMPLE = SHARED_DATA / "fineweb-sample" / "fineweb_sample_2800.parquet"
+HELLASWAG_VAL = SHARED_DATA / "hellaswag" / "hellaswag_val.jsonl"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """A real `prefect server start` (SQLite) with its own PREFECT_HOME, stopped at the end."""
+    from flows.stack import down, stack_from_env, start_server
+
+    home = tmp_path_factory.mktemp("prefect-home")
+    stack = stack_from_env(folder=home / "stack", port=free_port(), extra_env={"PREFECT_HOME": str(home)})
+    start_server(stack)
+    yield stack
+    down(stack)
+
+
+def run_pipeline_cli(args: list[str], env: dict[str, str], timeout: float = 900) -> tuple[subprocess.CompletedProcess, dict | None]:
+    """Run `python -m flows.fineweb_pretrain ARGS`; return the process and its JSON summary (last line)."""
+    process = subprocess.run([sys.executable, "-m", "flows.fineweb_pretrain", *args], cwd=PROJECT_ROOT,
+                             env=env, capture_output=True, text=True, timeout=timeout)
+    lines = process.stdout.strip().splitlines()
+    summary = json.loads(lines[-1]) if process.returncode == 0 and lines else None
+    return process, summary
+
+
+@pytest.fixture
+def pipeline_env(prefect_server, tmp_path) -> dict[str, str]:
+    """Environment for a pipeline subprocess: the test server, a fresh storage root, 1 torch thread."""
+    env = dict(prefect_server.env)
+    env["FWP_STORAGE_ROOT"] = str(tmp_path / "artifacts")
+    env["OMP_NUM_THREADS"] = env.get("OMP_NUM_THREADS", "2")
+    env["PREFECT_LOGGING_LEVEL"] = "WARNING"
+    return env
