@@ -1,0 +1,211 @@
+"""Checkpoints: one folder per step, complete only once its manifest exists.
+
+    <run_dir>/checkpoints/step_000120/model.pt        model state dict (no wrapper prefixes)
+    <run_dir>/checkpoints/step_000120/optimizer.pt    optimizer state dict
+    <run_dir>/checkpoints/step_000120/state.json      iteration, RNG states, loader cursor, LR
+                                                      schedule, val losses, tokens, config, code version
+    <run_dir>/checkpoints/step_000120/manifest.json   size and sha256 of the three files: written last
+
+A checkpoint is written into a temporary sibling `.step_000120.tmp-xxxxxxxx`, fsynced and
+renamed into place, so a crash (even SIGKILL) leaves either the old set of checkpoints
+or the new one. `latest_checkpoint` also checks the sha256 sums, so a checkpoint damaged
+after the fact (a truncated file) is skipped with a warning and the previous one used.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import time
+import uuid
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from configs.schema import ModelConfig
+from gpt.model import GPT, GPTConfig, strip_wrapper_prefixes, unwrap_model
+from storage.artifacts import fsync_dir, sha256_file, write_json_atomic
+
+CHECKPOINTS = "checkpoints"
+MODEL_FILE = "model.pt"
+OPTIMIZER_FILE = "optimizer.pt"
+STATE_FILE = "state.json"
+MANIFEST_FILE = "manifest.json"
+STEP_PATTERN = re.compile(r"^step_(\d+)$")
+TEMPORARY_PATTERN = re.compile(r"^\.step_\d+\.tmp-[0-9a-f]+$")
+
+logger = logging.getLogger(__name__)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read; the message is one line."""
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: the folder, both state dicts and state.json."""
+
+    path: Path
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any] | None
+    state: dict[str, Any]
+
+    @property
+    def iteration(self) -> int:
+        return int(self.state["iteration"])
+
+
+def checkpoints_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / CHECKPOINTS
+
+
+def step_name(iteration: int) -> str:
+    return f"step_{iteration:06d}"
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    iteration: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    keep_last: int,
+) -> Path:
+    """Write the checkpoint of `iteration` atomically, then apply retention. Returns its folder.
+
+    `state` must be JSON-able; `iteration` is added to it. A compiled or DDP-wrapped
+    model is unwrapped, so the saved keys carry no `_orig_mod.`/`module.` prefixes.
+    """
+    parent = checkpoints_dir(run_dir)
+    parent.mkdir(parents=True, exist_ok=True)
+    final = parent / step_name(iteration)
+    tmp = parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        _save_torch(unwrap_model(model).state_dict(), tmp / MODEL_FILE)
+        _save_torch(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+        write_json_atomic(tmp / STATE_FILE, {**state, "iteration": iteration})
+        files = [
+            {"path": name, "bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
+            for name in (MODEL_FILE, OPTIMIZER_FILE, STATE_FILE)
+        ]
+        write_json_atomic(tmp / MANIFEST_FILE, {"iteration": iteration, "created_at": time.time(), "files": files})
+        fsync_dir(tmp)
+        if final.exists():  # a damaged checkpoint of the same step, found bad and retrained
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fsync_dir(parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    prune_checkpoints(run_dir, keep_last)
+    return final
+
+
+def _save_torch(obj: Any, path: Path) -> None:
+    with open(path, "wb") as handle:
+        torch.save(obj, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Checkpoint folders that have a manifest, oldest first (checksums not verified)."""
+    parent = checkpoints_dir(run_dir)
+    if not parent.is_dir():
+        return []
+    found = [p for p in parent.iterdir() if STEP_PATTERN.match(p.name) and (p / MANIFEST_FILE).is_file()]
+    return sorted(found, key=lambda p: int(STEP_PATTERN.match(p.name).group(1)))
+
+
+def damaged_files(checkpoint_dir: str | Path) -> list[str]:
+    """Files of a checkpoint whose size or sha256 differ from its manifest (empty: intact)."""
+    folder = Path(checkpoint_dir)
+    try:
+        manifest = json.loads((folder / MANIFEST_FILE).read_text())
+    except (OSError, ValueError):
+        return [MANIFEST_FILE]
+    bad = []
+    for entry in manifest["files"]:
+        file = folder / entry["path"]
+        if not file.is_file() or file.stat().st_size != entry["bytes"] or sha256_file(file) != entry["sha256"]:
+            bad.append(entry["path"])
+    return bad
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint whose files match their checksums, or None.
+
+    A damaged newer checkpoint is skipped with a warning naming the bad file.
+    """
+    for folder in reversed(list_checkpoints(run_dir)):
+        bad = damaged_files(folder)
+        if not bad:
+            return folder
+        named = ", ".join(str(folder / name) for name in bad)
+        message = f"checkpoint {folder} is damaged ({named} does not match its manifest); skipping it and using an older one"
+        warnings.warn(message, stacklevel=2)
+        logger.warning(message)
+    return None
+
+
+def load_checkpoint(
+    checkpoint_dir: str | Path, map_location: str | torch.device = "cpu", verify: bool = True, optimizer: bool = True
+) -> Checkpoint:
+    """Read a checkpoint folder. `verify` checks the sha256 sums first (skip it only
+    right after `latest_checkpoint`, which already did); `optimizer=False` skips the
+    optimizer state, which evaluation and sampling do not need."""
+    folder = Path(checkpoint_dir)
+    if not (folder / MANIFEST_FILE).is_file():
+        raise CheckpointError(f"{folder} is not a complete checkpoint (no {MANIFEST_FILE}); pass a runs/<name>/checkpoints/step_N folder")
+    if verify and (bad := damaged_files(folder)):
+        raise CheckpointError(f"checkpoint {folder} is damaged ({', '.join(bad)} does not match the manifest); use an earlier step")
+    state = json.loads((folder / STATE_FILE).read_text())
+    model_state = strip_wrapper_prefixes(torch.load(folder / MODEL_FILE, map_location=map_location, weights_only=True))
+    optimizer_state = torch.load(folder / OPTIMIZER_FILE, map_location=map_location, weights_only=True) if optimizer else None
+    return Checkpoint(path=folder, model=model_state, optimizer=optimizer_state, state=state)
+
+
+def load_model(checkpoint_dir: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, dict[str, Any]]:
+    """The GPT of a checkpoint, on `device` and in eval mode, with its state.json."""
+    checkpoint = load_checkpoint(checkpoint_dir, map_location="cpu", optimizer=False)
+    model_config = ModelConfig.model_validate(checkpoint.state["config"]["model"])
+    model = GPT(GPTConfig.from_model_config(model_config))
+    model.load_state_dict(checkpoint.model)
+    return model.to(device).eval(), checkpoint.state
+
+
+def prune_checkpoints(run_dir: str | Path, keep_last: int) -> list[Path]:
+    """Delete all complete checkpoints but the newest `keep_last` and the one with the
+    lowest val loss (state.json's `val_loss`, measured at that step). Returns the deleted."""
+    folders = list_checkpoints(run_dir)
+    keep = set(folders[-keep_last:])
+    scored = [(loss, folder) for folder in folders if (loss := _val_loss(folder)) is not None]
+    if scored:
+        keep.add(min(scored, key=lambda pair: pair[0])[1])
+    removed = [folder for folder in folders if folder not in keep]
+    for folder in removed:
+        shutil.rmtree(folder, ignore_errors=True)
+    return removed
+
+
+def _val_loss(folder: Path) -> float | None:
+    try:
+        return json.loads((folder / STATE_FILE).read_text()).get("val_loss")
+    except (OSError, ValueError):
+        return None
+
+
+def remove_temporaries(run_dir: str | Path) -> None:
+    """Delete half-written `.step_N.tmp-*` folders that a killed writer left behind."""
+    parent = checkpoints_dir(run_dir)
+    if parent.is_dir():
+        for path in parent.iterdir():
+            if TEMPORARY_PATTERN.match(path.name):
+                shutil.rmtree(path, ignore_errors=True)

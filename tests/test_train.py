@@ -1,0 +1,189 @@
+"""The trainer on tiny real models: learning, exact resume after SIGKILL, NaN guard,
+continuation, compile, DDP, and the errors users meet."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from configs import describe
+from gpt.checkpoint import latest_checkpoint, load_checkpoint
+from gpt.data import DataError
+from gpt.schedule import Schedule
+from gpt.train import TrainError, TrainingDiverged, train
+from tests.gpt_fixtures import tiny_config, with_model, write_tiny_shards, write_yaml
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    return write_tiny_shards(tmp_path_factory.mktemp("shards"))
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_events(run_dir: Path) -> dict[int, dict]:
+    return {e["iter"]: e for e in read_metrics(run_dir) if e["event"] == "train"}
+
+
+def subprocess_env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(PROJECT_ROOT)}
+
+
+def test_tiny_run_learns_and_records_everything(shards, tmp_path):
+    events = []
+    result = train(tiny_config(max_iters=20), shards, tmp_path / "run", on_event=events.append)
+
+    assert result["iterations"] == 20 and result["start_iter"] == 0 and not result["resumed"]
+    assert not result["already_complete"]
+    assert result["tokens_trained"] == 20 * 4 * 16 * 2
+    assert result["params"] == tiny_config().model.num_params()
+    assert result["latest_checkpoint"] == str(tmp_path / "run" / "checkpoints" / "step_000020")
+    assert [e["event"] for e in events] == [e["event"] for e in read_metrics(tmp_path / "run")]
+    assert events[0]["event"] == "start" and events[-1]["event"] == "done"
+    assert events[0]["params"] == result["params"] and events[0]["flops_per_token"] == tiny_config().model.flops_per_token()
+
+    trained = [e for e in events if e["event"] == "train"]
+    assert [e["iter"] for e in trained] == list(range(20))
+    assert trained[-1]["loss"] < trained[0]["loss"] - 2.0
+    assert all(e["mfu"] is None and e["tokens_per_sec"] > 0 for e in trained)  # no MFU on CPU
+    evals = {e["iter"]: e["val_loss"] for e in events if e["event"] == "eval"}
+    assert list(evals) == [0, 10, 20] and evals[20] < evals[0] - 2.0
+    assert result["val_loss"] == evals[20] and result["best_val_loss"] == min(evals.values())
+    assert [e["iter"] for e in events if e["event"] == "checkpoint"] == [10, 20]
+
+
+def test_resume_after_sigkill_is_bit_identical(shards, tmp_path):
+    config = with_model(
+        tiny_config(max_iters=120, batch_size=2, checkpoint_interval=10, eval_interval=40, log_interval=10),
+        dropout=0.1,  # dropout masks must be reproduced too
+    )
+    uninterrupted = train(config, shards, tmp_path / "a")
+
+    command = [sys.executable, "-m", "gpt.train", "--config", str(write_yaml(config, tmp_path / "b.yaml")),
+               "--data-dir", str(shards), "--run-dir", str(tmp_path / "b")]
+    first_checkpoint = tmp_path / "b" / "checkpoints" / "step_000010" / "manifest.json"
+    process = subprocess.Popen(command, cwd=PROJECT_ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not first_checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    killed_at = load_checkpoint(latest_checkpoint(tmp_path / "b")).iteration
+    assert 10 <= killed_at < 120
+
+    restarted = subprocess.run(command, cwd=PROJECT_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert restarted.returncode == 0, restarted.stderr
+    lines = restarted.stdout.strip().splitlines()
+    assert lines[0] == describe(config)  # the parameter count comes first
+    summary = json.loads(lines[-1])  # and a JSON summary last
+    assert summary["resumed"] and summary["start_iter"] == killed_at and summary["iterations"] == 120
+
+    a = load_checkpoint(uninterrupted["latest_checkpoint"])
+    b = load_checkpoint(summary["latest_checkpoint"])
+    assert a.model.keys() == b.model.keys()
+    for key in a.model:
+        assert torch.equal(a.model[key], b.model[key]), key
+    for index, saved in a.optimizer["state"].items():
+        for name, tensor in saved.items():
+            assert torch.equal(tensor, b.optimizer["state"][index][name]), (index, name)
+    assert a.state["loader"] == b.state["loader"]
+    assert train_events(tmp_path / "a").keys() == train_events(tmp_path / "b").keys()  # killed history trimmed
+    assert [e["loss"] for e in train_events(tmp_path / "a").values()] == [e["loss"] for e in train_events(tmp_path / "b").values()]
+
+
+def test_divergence_names_the_iteration_and_keeps_the_last_good_checkpoint(shards, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_config(max_iters=4, checkpoint_interval=4), shards, run)
+    good = latest_checkpoint(run)
+    manifest = (good / "manifest.json").read_text()
+
+    exploding = tiny_config(max_iters=12, checkpoint_interval=4, learning_rate=1e30, rewarm_iters=0)
+    with pytest.raises(TrainingDiverged, match=rf"iteration 5\b.*{good}"):
+        train(exploding, shards, run)
+    assert latest_checkpoint(run) == good
+    assert (good / "manifest.json").read_text() == manifest
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_000004"]
+
+
+def test_continuing_a_finished_run_resumes_without_an_lr_jump(shards, tmp_path):
+    run = tmp_path / "run"
+    first = train(tiny_config(max_iters=10, warmup_iters=2, batch_size=2), shards, run)
+    assert first["iterations"] == 10
+
+    done_events = []
+    again = train(tiny_config(max_iters=10, warmup_iters=2, batch_size=2), shards, run, on_event=done_events.append)
+    assert again["already_complete"] and again["iterations"] == 10 and again["val_loss"] == first["val_loss"]
+    assert [e["event"] for e in done_events] == ["done"]
+
+    continued = train(tiny_config(max_iters=40, warmup_iters=2, batch_size=2, rewarm_iters=10), shards, run)
+    assert continued["resumed"] and continued["start_iter"] == 10 and continued["iterations"] == 40
+    metrics = read_metrics(run)
+    lrs = [e["lr"] for e in metrics if e["event"] == "train"]
+    assert [e["iter"] for e in metrics if e["event"] == "train"] == list(range(40))  # nothing retrained
+    peak = 1e-2
+    assert lrs[10] == pytest.approx(lrs[9] + (peak - lrs[9]) / 11)  # the first rewarm step
+    later_steps = [abs(b - a) for a, b in zip(lrs[10:], lrs[11:])]
+    assert abs(lrs[10] - lrs[9]) <= max(later_steps) * (1 + 1e-9)  # the boundary is no bigger than any step after it
+    assert lrs[20] == pytest.approx(peak) and lrs[39] == pytest.approx(1e-3, rel=0.1)
+    schedule_events = [e for e in metrics if e["event"] == "schedule"]
+    assert len(schedule_events) == 1 and schedule_events[0]["at_iter"] == 10 and not schedule_events[0]["is_jump"]
+    schedule = Schedule.from_state_dict(load_checkpoint(latest_checkpoint(run)).state["schedule"])
+    assert schedule.max_iters == 40 and schedule.lr_at(40) == 1e-3  # min_lr at the new end
+
+
+def test_a_different_model_in_the_same_run_dir_is_refused(shards, tmp_path):
+    train(tiny_config(max_iters=2), shards, tmp_path / "run")
+    with pytest.raises(TrainError, match=r"n_embd 16 there, 32 requested.*train\.run_name"):
+        train(with_model(tiny_config(max_iters=4), n_embd=32), shards, tmp_path / "run")
+
+
+def test_unusable_data_gives_one_line_errors(shards, tmp_path):
+    with pytest.raises(DataError, match=r"no train_\*\.bin shards in .*--data-dir"):
+        train(tiny_config(), tmp_path, tmp_path / "run")
+    short = write_tiny_shards(tmp_path / "short", val_tokens=10)
+    with pytest.raises(DataError, match=r"val split has 10 tokens.*block_size\+1=17.*tokenize\.val_fraction"):
+        train(tiny_config(), short, tmp_path / "run")
+
+
+def test_compiled_training_matches_eager(shards, tmp_path):
+    losses = {}
+    for compiled in (False, True):
+        config = tiny_config(max_iters=2, compile=compiled, grad_accum_steps=1, batch_size=2, eval_iters=1)
+        run = tmp_path / f"compile-{compiled}"
+        result = train(config, shards, run)
+        losses[compiled] = [e["loss"] for e in train_events(run).values()] + [result["val_loss"]]
+    assert losses[True] == pytest.approx(losses[False], abs=1e-4)
+    assert "_orig_mod" not in "".join(load_checkpoint(tmp_path / "compile-True" / "checkpoints" / "step_000002").model)
+
+
+def test_ddp_two_processes_match_one(shards, tmp_path):
+    config = tiny_config(max_iters=6, grad_accum_steps=2, batch_size=2, eval_interval=3, checkpoint_interval=3)
+    train(config, shards, tmp_path / "single")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "gpt.train", "--config", str(write_yaml(config, tmp_path / "ddp.yaml")),
+               "--data-dir", str(shards), "--run-dir", str(tmp_path / "ddp")]
+    process = subprocess.run(command, cwd=PROJECT_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert process.returncode == 0, process.stderr[-3000:]
+
+    single, ddp = read_metrics(tmp_path / "single"), read_metrics(tmp_path / "ddp")
+    assert [e for e in ddp if e["event"] == "start"][0]["world_size"] == 2
+    for kind, key in (("train", "loss"), ("eval", "val_loss")):
+        expected = [e[key] for e in single if e["event"] == kind]
+        got = [e[key] for e in ddp if e["event"] == kind]
+        assert len(got) == len(expected) > 0
+        assert all(math.isclose(g, x, rel_tol=1e-5) for g, x in zip(got, expected)), (kind, got, expected)
