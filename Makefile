@@ -6,7 +6,6 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
-export PREFECT_LOGGING_LEVEL ?= WARNING
 
 .PHONY: help venv demo test bench clean
 

@@ -1,0 +1,76 @@
+"""What every stage task shares: the cache key, running a task with its cache state, UI keys.
+
+A stage's Prefect cache key is its artifact version plus the storage root, so the same
+inputs give a `Cached` task run. When the artifact folder is gone (deleted by hand, or a
+new storage root) the cache is refreshed instead of trusted.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from prefect import Task
+from prefect.context import TaskRunContext
+
+from storage.artifacts import ArtifactStore, stable_hash
+
+
+def version_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    """Cache key of a stage task: `<stage>-<version>-<hash of the storage root>`."""
+    return f"{context.task.name}-{parameters['version']}-{stable_hash(str(parameters['store'].root), 8)}"
+
+
+def run_cached_stage(task: Task, store: ArtifactStore, version: str, **parameters: Any) -> tuple[dict[str, Any], bool]:
+    """Run a stage task; return (its result, whether Prefect served it from the cache)."""
+    fresh = not store.exists(task.name, version)
+    state = task.with_options(refresh_cache=fresh)(store=store, version=version, return_state=True, **parameters)
+    result = state.result()  # raises the task's error when it failed
+    return result, state.name == "Cached"
+
+
+def ui_key(*parts: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "_(none)_"
+    columns = list(rows[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def human_bytes(count: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(count) < 1024 or unit == "TB":
+            return f"{count:.1f} {unit}" if unit != "B" else f"{int(count)} B"
+        count /= 1024
+    return f"{count:.1f} TB"
+
+
+
+class ProgressArtifact:
+    """A Prefect progress artifact, updated at most once per whole percent."""
+
+    def __init__(self, description: str):
+        from prefect.artifacts import create_progress_artifact
+
+        self._id = create_progress_artifact(progress=0.0, description=description)
+        self._last = 0
+
+    def update(self, done: float, total: float) -> None:
+        from prefect.artifacts import update_progress_artifact
+
+        percent = int(100 * done / total) if total else 100
+        if percent > self._last:
+            self._last = percent
+            update_progress_artifact(artifact_id=self._id, progress=float(min(percent, 100)))

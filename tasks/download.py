@@ -1,0 +1,69 @@
+"""Download stage: copy the source parquet files into the artifact store through fsspec."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact
+
+from configs import DataConfig
+from storage.artifacts import ArtifactStore, code_version, stable_hash
+from storage.demo_corpus import resolve_demo_source
+from storage.download import download_sources
+from storage.fs import expand_sources, source_fingerprint
+from tasks.common import ProgressArtifact, human_bytes, markdown_table, ui_key, version_cache_key
+
+STAGE = "download"
+CODE = ("storage/download.py", "storage/fs.py")
+
+
+def plan_download(data: DataConfig, store: ArtifactStore) -> tuple[str, list[str], list[dict[str, Any]]]:
+    """Resolve the sources and fingerprint them (size + etag/mtime) without reading content.
+
+    Returns the artifact version, the concrete URLs and their fingerprints.
+    """
+    urls = [resolve_demo_source(source, store.root) if source.startswith("demo://") else source for source in data.sources]
+    urls = expand_sources(urls)
+    fingerprints = [source_fingerprint(url) for url in urls]
+    version = stable_hash({"sources": fingerprints, "max_rows": data.max_rows, "code": code_version(CODE)})
+    return version, urls, fingerprints
+
+
+@task(name=STAGE, retries=2, retry_delay_seconds=5, cache_key_fn=version_cache_key,
+      persist_result=True, result_serializer="json", log_prints=True)
+def download(store: ArtifactStore, version: str, urls: list[str], fingerprints: list[dict[str, Any]],
+             data: DataConfig, ui_name: str) -> dict[str, Any]:
+    """Copy every source into `<root>/download/<version>/data/`; partial files survive a crash."""
+    incoming = store.root / STAGE / f".incoming-{version}"  # stable, so a retry resumes the bytes it has
+    progress = ProgressArtifact(f"download of {len(urls)} file(s)")
+
+    def build(folder: Path) -> dict[str, Any]:
+        files = download_sources(urls, incoming, max_rows=data.max_rows, progress=progress.update)
+        (folder / "data").mkdir()
+        for entry in files:
+            name = Path(entry["file"]).name
+            os.replace(incoming / name, folder / "data" / name)
+            entry["file"] = f"data/{name}"
+        shutil.rmtree(incoming, ignore_errors=True)
+        return {"files": files, "bytes": sum(f["bytes"] for f in files), "rows": sum(f.get("rows") or 0 for f in files)}
+
+    manifest = store.publish(STAGE, version, build, inputs={"sources": fingerprints},
+                             config=data.model_dump(), code=code_version(CODE))
+    rows = [{"file": f["file"], "url": f["url"], "size": human_bytes(f["bytes"]), "rows": f.get("rows"), "sha256": f["sha256"][:16]}
+            for f in manifest.metrics["files"]]
+    create_markdown_artifact(
+        key=ui_key(ui_name, "download"),
+        markdown=f"# Downloaded data `{version}`\n\n{markdown_table(rows)}\n\nFolder: `{store.path(STAGE, version)}`\n",
+        description="source parquet files copied into the artifact store",
+    )
+    print(f"download {version}: {len(rows)} file(s), {human_bytes(manifest.metrics['bytes'])} in {store.path(STAGE, version)}")
+    return store.ref(STAGE, version).to_dict()
+
+
+def parquet_files(download_ref: dict[str, Any]) -> list[Path]:
+    """The parquet files inside a download artifact, in a stable order."""
+    return sorted((Path(download_ref["path"]) / "data").glob("*.parquet"))

@@ -1,0 +1,53 @@
+"""Tokenize stage: GPT-2 tokens in llm.c `.bin` shards, train/val split by document."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from configs import DataConfig, TokenizeConfig
+from gpt.tokenizer import tokenize_parquet
+from storage.artifacts import ArtifactStore, code_version, stable_hash
+from tasks.common import ProgressArtifact, markdown_table, ui_key, version_cache_key
+from tasks.download import parquet_files
+
+STAGE = "tokenize"
+CODE = ("gpt/tokenizer.py", "storage/shards.py")
+
+
+def plan_tokenize(download_version: str, data: DataConfig, tokenize_config: TokenizeConfig) -> str:
+    # num_workers changes speed, never bytes, so it is not part of the version
+    shaping = tokenize_config.model_dump(exclude={"num_workers"})
+    return stable_hash({"download": download_version, "text_column": data.text_column,
+                        "tokenize": shaping, "code": code_version(CODE)})
+
+
+@task(name=STAGE, cache_key_fn=version_cache_key, persist_result=True, result_serializer="json", log_prints=True)
+def tokenize(store: ArtifactStore, version: str, download_ref: dict[str, Any], data: DataConfig,
+             config: TokenizeConfig, ui_name: str) -> dict[str, Any]:
+    """Write the shards and tokenize.json; publish the shard table to the UI."""
+    progress = ProgressArtifact("tokenizing documents")
+
+    def build(folder: Path) -> dict[str, Any]:
+        report = tokenize_parquet(parquet_files(download_ref), folder, config, text_column=data.text_column,
+                                  progress=progress.update)
+        (folder / "tokenize.json").write_text(json.dumps(report, indent=2, default=str))
+        return report
+
+    manifest = store.publish(STAGE, version, build, inputs={"download": download_ref["version"]},
+                             config=config.model_dump(), code=code_version(CODE))
+    report = manifest.metrics
+    shards = [{k: shard.get(k) for k in ("name", "split", "tokens", "documents")} for shard in report["shards"]]
+    totals = {k: v for k, v in report.items() if isinstance(v, (int, float, str))}
+    create_table_artifact(key=ui_key(ui_name, "tokenize-shards"), table=shards, description="llm.c token shards")
+    create_markdown_artifact(
+        key=ui_key(ui_name, "tokenize-manifest"),
+        markdown=f"# Tokenized `{version}`\n\n{markdown_table([totals])}\n\n## Shards\n\n{markdown_table(shards)}\n",
+        description="GPT-2 tokenization summary",
+    )
+    print(f"tokenize {version}: " + ", ".join(f"{s['name']} {s['tokens']:,} tokens" for s in shards))
+    return store.ref(STAGE, version).to_dict()

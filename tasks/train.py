@@ -1,0 +1,192 @@
+"""Train stage: resumable GPT training on the token shards, with live progress in the UI."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prefect import task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+
+from configs import PipelineConfig, describe
+from gpt.checkpoint import latest_checkpoint
+from gpt.train import train as train_gpt
+from storage.artifacts import ArtifactStore
+from tasks.charts import line_chart_svg, markdown_image
+from tasks.common import ProgressArtifact, markdown_table, ui_key
+
+STAGE = "train"
+
+
+class RunLockedError(RuntimeError):
+    """Another process is training the same run right now."""
+
+
+def run_dir(store: ArtifactStore, config: PipelineConfig) -> Path:
+    return store.root / "runs" / config.run_name
+
+
+@contextlib.contextmanager
+def exclusive_run(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on a run folder so two flow runs never train into the same checkpoints."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise RunLockedError(
+                f"run {folder.name} is being trained by {holder}; wait for it to finish or pick another train.run_name"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+        yield
+
+
+def checkpointed_iteration(store: ArtifactStore, config: PipelineConfig) -> int | None:
+    """The iteration of the run's newest complete checkpoint, or None when it has none."""
+    latest = latest_checkpoint(run_dir(store, config))
+    return None if latest is None else int(json.loads((latest / "state.json").read_text())["iteration"])
+
+
+def _not_a_user_error(task, task_run, state) -> bool:
+    """Retry crashes and transient failures (the retry resumes from the last checkpoint), not bad input."""
+    try:
+        state.result()
+    except (RunLockedError, ValueError, FloatingPointError):
+        return False
+    except Exception:
+        return True
+    return False
+
+
+def model_card(config: PipelineConfig, train_tokens: int | None) -> str:
+    m, t = config.model, config.train
+    total = t.max_iters * config.tokens_per_iter()
+    epochs = f"{total / train_tokens:.2f}" if train_tokens else "unknown"
+    rows = [
+        {"what": "preset", "value": config.name},
+        {"what": "run", "value": config.run_name},
+        {"what": "parameters (nanoGPT count)", "value": f"{m.num_params():,} ({m.num_params() / 1e6:.2f}M)"},
+        {"what": "layers × heads × n_embd", "value": f"{m.n_layer} × {m.n_head} × {m.n_embd}"},
+        {"what": "block size", "value": m.block_size},
+        {"what": "FLOPs per token (fwd+bwd)", "value": f"{m.flops_per_token():,}"},
+        {"what": "tokens per iteration", "value": f"{config.tokens_per_iter():,}"},
+        {"what": "max iterations", "value": f"{t.max_iters:,}"},
+        {"what": "tokens to train on", "value": f"{total:,}"},
+        {"what": "train tokens in the data", "value": f"{train_tokens:,}" if train_tokens else "unknown"},
+        {"what": "expected epochs over the data", "value": epochs},
+        {"what": "learning rate", "value": f"{t.learning_rate} → {t.min_lr} ({t.schedule}, warmup {t.warmup_iters})"},
+        {"what": "compile / device / dtype", "value": f"{t.compile} / {t.device} / {t.dtype}"},
+    ]
+    return f"# Model card: {config.name} / {config.run_name}\n\n{describe(config)}\n\n{markdown_table(rows)}\n"
+
+
+def read_metrics(folder: Path) -> list[dict[str, Any]]:
+    file = folder / "metrics.jsonl"
+    if not file.exists():
+        return []
+    return [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+
+
+def _train_with_torchrun(config: PipelineConfig, data_dir: Path, folder: Path) -> dict[str, Any]:
+    """Launch `torchrun -m gpt.train` for several processes, streaming its output into the task's logs."""
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
+        yaml.safe_dump(config.model_dump(), handle)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={config.train.nproc_per_node}", "-m", "gpt.train",
+               "--config", handle.name, "--data-dir", str(data_dir), "--run-dir", str(folder)]
+    last_line = ""
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as process:
+        for line in process.stdout:
+            print(line.rstrip())
+            if line.strip():
+                last_line = line.strip()
+    os.unlink(handle.name)
+    if process.returncode:
+        raise RuntimeError(f"torchrun exited with status {process.returncode}; see the log above")
+    return json.loads(last_line)
+
+
+@task(name=STAGE, retries=1, retry_delay_seconds=5, retry_condition_fn=_not_a_user_error, log_prints=True)
+def train(store: ArtifactStore, config: PipelineConfig, tokenize_ref: dict[str, Any], ui_name: str) -> dict[str, Any]:
+    """Train (or resume, or continue) the run `runs/<run_name>` and publish its curves and checkpoints."""
+    data_dir = Path(tokenize_ref["path"])
+    folder = run_dir(store, config)
+    train_tokens = store.manifest("tokenize", tokenize_ref["version"]).metrics.get("train_tokens")
+    create_markdown_artifact(key=ui_key(ui_name, "model-card"), markdown=model_card(config, train_tokens),
+                             description="what is being trained: size, FLOPs, tokens, epochs")
+    progress = ProgressArtifact(f"training {config.run_name} to {config.train.max_iters} iterations")
+
+    def on_event(event: dict[str, Any]) -> None:
+        if event.get("event") == "train":
+            progress.update(event["iter"], config.train.max_iters)
+            mfu = f", MFU {event['mfu']:.1%}" if event.get("mfu") is not None else ""
+            print(f"iter {event['iter']}: loss {event['loss']:.4f}, lr {event['lr']:.2e}, "
+                  f"{event['ms_per_iter']:.0f} ms/iter, {event['tokens_per_sec']:,.0f} tok/s{mfu}")
+        elif event.get("event") == "eval":
+            print(f"iter {event['iter']}: val loss {event['val_loss']:.4f}")
+        elif event.get("event") == "start":
+            print(describe(config) + (f"; resuming from iteration {event['resumed_from_iter']}"
+                                      if event.get("resumed_from_iter") else ""))
+
+    with exclusive_run(folder):
+        if config.train.nproc_per_node > 1:
+            result = _train_with_torchrun(config, data_dir, folder)
+        else:
+            result = train_gpt(config, data_dir, folder, on_event=on_event)
+    progress.update(1, 1)
+    publish_training_artifacts(config, folder, result, ui_name)
+    return json.loads(json.dumps(result, default=str))
+
+
+def training_curves(folder: Path, curve: list[dict[str, Any]]) -> str:
+    """The four plots people scrape nanoGPT logs for, plus the LR; also saved as SVGs in the run folder."""
+
+    def series(key: str) -> list[tuple[float, float]]:
+        return [(row["iter"], row[key]) for row in curve if row.get(key) is not None]
+
+    charts = {
+        "loss": line_chart_svg({"train": series("train_loss"), "val": series("val_loss")}, "train / val loss", y_label="loss"),
+        "lr": line_chart_svg({"lr": series("lr")}, "learning rate", y_label="lr"),
+        "ms_per_iter": line_chart_svg({"ms/iter": series("ms_per_iter")}, "time per iteration", y_label="ms"),
+        "mfu": line_chart_svg({"MFU": series("mfu")}, "model FLOPs utilisation", y_label="fraction of peak"),
+    }
+    (folder / "curves").mkdir(exist_ok=True)
+    sections = [f"# Training curves: {folder.name}\n"]
+    for name, svg in charts.items():
+        (folder / "curves" / f"{name}.svg").write_text(svg)
+        sections.append(markdown_image(svg, name) + "\n")
+    if not series("mfu"):
+        sections.append("_MFU is not computed on CPU or on a GPU whose peak is unknown (set train.peak_tflops)._\n")
+    return "\n".join(sections)
+
+
+def publish_training_artifacts(config: PipelineConfig, folder: Path, result: dict[str, Any], ui_name: str) -> None:
+    metrics = read_metrics(folder)
+    curve = [
+        {"iter": m["iter"], "train_loss": m.get("loss"), "val_loss": m.get("val_loss"), "lr": m.get("lr"),
+         "ms_per_iter": m.get("ms_per_iter"), "tokens_per_sec": m.get("tokens_per_sec"), "mfu": m.get("mfu")}
+        for m in metrics if m.get("event") in ("train", "eval")
+    ]
+    if curve:
+        create_table_artifact(key=ui_key(ui_name, "loss-curve"), table=curve,
+                              description="train/val loss, learning rate, ms/iter, tokens/s and MFU per logged iteration")
+        create_markdown_artifact(key=ui_key(ui_name, "training-curves"), markdown=training_curves(folder, curve),
+                                 description="loss, learning rate, ms/iter and MFU over the whole run")
+    if result.get("latest_checkpoint"):
+        create_link_artifact(key=ui_key(ui_name, "latest-checkpoint"), link=Path(result["latest_checkpoint"]).as_uri(),
+                             link_text=f"{config.run_name} @ iteration {result.get('iterations')}",
+                             description="the newest complete checkpoint of this run")
