@@ -1,0 +1,339 @@
+"""Copy parquet sources into a local folder: streamed, resumable, retried, verified.
+
+Each source is streamed to `<name>.partial`. If a `.partial` from an earlier attempt or
+run exists (and a sidecar `<name>.partial.json` shows it came from the same version of
+the same source), the copy continues from its size: an HTTP `Range` request for
+http(s):// (via requests), `seek` on the fsspec file otherwise. Connection drops, 5xx and
+429 are retried with exponential backoff; 404/403 and friends fail at once with a
+one-line error. A finished copy is checked (size, sha256 when the source publishes one,
+`PAR1` at both ends, a readable parquet footer) before it is renamed to `<name>`, so a
+file under its final name is always complete.
+
+With `max_rows`, only the first row groups that hold max_rows rows (over all sources,
+in order) are read, by range through fsspec, and written as a new, smaller parquet file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp  # fsspec's http backend: its errors are network errors worth retrying
+import pyarrow as pa
+import pyarrow.parquet as pq
+import requests  # one streamed, resumable GET for http(s); fsspec would cut it into range reads
+
+from storage.artifacts import sha256_file
+from storage.fs import SourceError, filesystem, protocol_of, source_fingerprint
+
+CHUNK_BYTES = 1 << 20  # a dropped connection loses at most the chunk being read
+ATTEMPTS = 5
+BACKOFF_S = 0.5  # first retry waits this long, then twice as long each time
+MAX_RETRY_AFTER_S = 60.0
+PARQUET_MAGIC = b"PAR1"
+TRANSIENT_STATUS = {408, 425, 429, 500, 502, 503, 504}
+HTTP_TIMEOUT_S = (15, 60)  # connect, read
+
+Progress = Callable[[int, int], None]
+
+
+class DownloadError(RuntimeError):
+    """A source that cannot be copied; the message is one line and names the URL and the fix."""
+
+
+class _Transient(Exception):
+    """A failure worth retrying (dropped connection, 5xx, 429), with the server's Retry-After if any."""
+
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def local_names(urls: list[str]) -> list[str]:
+    """File names for the sources: their basenames, or as many trailing path parts as make
+    them unique (FineWeb repeats 000_00000.parquet in every dump folder)."""
+    parts = [url.split("?", 1)[0].rstrip("/").split("/") for url in urls]
+    for depth in range(1, max(len(p) for p in parts) + 1):
+        names = ["_".join(p[-depth:]) for p in parts]
+        if len(set(names)) == len(names):
+            return names
+    raise DownloadError("the same source is listed twice in data.source; list each file once")
+
+
+def download_sources(
+    urls: list[str],
+    dest_dir: Path,
+    max_rows: int | None = None,
+    progress: Progress | None = None,
+    *,
+    attempts: int = ATTEMPTS,
+    backoff_s: float = BACKOFF_S,
+    chunk_bytes: int = CHUNK_BYTES,
+) -> list[dict[str, Any]]:
+    """Copy each source to dest_dir and return one manifest entry per file written.
+
+    progress(done, total) counts bytes for whole-file copies and rows when max_rows is
+    set. With max_rows, sources after the one that reaches max_rows are not read.
+    Pass a dest_dir that survives a failed run to resume its `.partial` files next time.
+    """
+    if not urls:
+        raise DownloadError("no sources to download; check data.source")
+    dest_dir = Path(dest_dir)
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    fingerprints = [source_fingerprint(url) for url in urls]  # fails fast on a missing source
+    names = local_names(urls)
+    entries = []
+    if max_rows is None:
+        total = sum(f["size"] or 0 for f in fingerprints)
+        done = 0
+
+        def on_bytes(count: int) -> None:
+            nonlocal done
+            done += count
+            if progress:
+                progress(done, total)
+
+        for name, fingerprint in zip(names, fingerprints):
+            entries.append(_download_whole(fingerprint, dest_dir / name, on_bytes, attempts, backoff_s, chunk_bytes))
+    else:
+        remaining = max_rows
+        for name, fingerprint in zip(names, fingerprints):
+            if remaining <= 0:
+                break
+            entry = _retrying(
+                fingerprint["url"], attempts, backoff_s,
+                lambda: _copy_first_row_groups(fingerprint, dest_dir / name, remaining),
+            )
+            remaining -= entry["rows"]
+            entries.append(entry)
+            if progress:
+                progress(max_rows - max(remaining, 0), max_rows)
+    return entries
+
+
+# ---------------------------------------------------------------------------------------
+# Whole files
+# ---------------------------------------------------------------------------------------
+
+
+def _download_whole(
+    fingerprint: dict[str, Any], target: Path, on_bytes: Callable[[int], None], attempts: int, backoff_s: float, chunk_bytes: int
+) -> dict[str, Any]:
+    url = fingerprint["url"]
+    partial = target.with_name(target.name + ".partial")
+    sidecar = target.with_name(target.name + ".partial.json")
+    origin = {key: fingerprint.get(key) for key in ("url", "size", "etag", "mtime_ns")}
+    if partial.exists() and _read_json(sidecar) != origin:  # left by another source or version: useless
+        partial.unlink()
+    sidecar.write_text(json.dumps(origin))
+    if partial.exists():
+        on_bytes(partial.stat().st_size)
+
+    fetch = _fetch_http if protocol_of(url) in ("http", "https") else _fetch_fsspec
+    _retrying(url, attempts, backoff_s, lambda: fetch(url, partial, fingerprint["size"], chunk_bytes, on_bytes))
+
+    try:
+        size = partial.stat().st_size
+        if fingerprint["size"] is not None and size != fingerprint["size"]:
+            raise DownloadError(f"{url}: got {size} bytes but the source has {fingerprint['size']}; run the download again")
+        _check_parquet_magic(url, partial)
+        sha256 = sha256_file(partial)
+        if fingerprint.get("sha256") and sha256 != fingerprint["sha256"]:
+            raise DownloadError(f"{url}: sha256 {sha256} differs from the published {fingerprint['sha256']}; run the download again")
+        metadata = _read_footer(url, partial)
+    except DownloadError:
+        partial.unlink(missing_ok=True)
+        sidecar.unlink(missing_ok=True)
+        raise
+    os.replace(partial, target)
+    sidecar.unlink(missing_ok=True)
+    return {
+        "url": url,
+        "file": target.name,
+        "bytes": size,
+        "sha256": sha256,
+        "etag": fingerprint.get("etag"),
+        "row_groups": metadata.num_row_groups,
+        "rows": metadata.num_rows,
+    }
+
+
+def _fetch_http(url: str, partial: Path, size: int | None, chunk_bytes: int, on_bytes: Callable[[int], None]) -> None:
+    """Stream the rest of an http(s) file into partial with one ranged GET."""
+    offset = partial.stat().st_size if partial.exists() else 0
+    if size is not None and offset == size:
+        return
+    headers = {"Accept-Encoding": "identity"}  # the bytes on the server, not a re-compressed stream
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+    try:
+        with requests.get(url, headers=headers, stream=True, timeout=HTTP_TIMEOUT_S) as response:
+            if response.status_code == 416:  # the partial is longer than the source: it was another file
+                partial.unlink()
+                raise _Transient(f"{url}: the partial download does not match the source; starting over")
+            _check_status(url, response.status_code, response.reason, response.headers)
+            if offset and response.status_code == 200:  # the server ignores Range: start over
+                offset = 0
+            with open(partial, "r+b" if offset else "wb") as out:
+                out.seek(offset)
+                out.truncate()
+                for chunk in response.iter_content(chunk_bytes):
+                    out.write(chunk)
+                    on_bytes(len(chunk))
+    except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
+        raise _Transient(f"{url}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+    got = partial.stat().st_size
+    if size is not None and got < size:
+        raise _Transient(f"{url}: connection closed after {got} of {size} bytes")
+
+
+def _fetch_fsspec(url: str, partial: Path, size: int | None, chunk_bytes: int, on_bytes: Callable[[int], None]) -> None:
+    """Copy the rest of a file from any fsspec filesystem, continuing at the partial's size."""
+    offset = partial.stat().st_size if partial.exists() else 0
+    if size is not None and offset >= size:
+        if offset > size:
+            partial.unlink()
+            raise _Transient(f"{url}: the partial download is longer than the source; starting over")
+        return
+    fs, path = filesystem(url)
+    try:
+        with fs.open(path, "rb") as source, open(partial, "ab") as out:
+            source.seek(offset)
+            while chunk := source.read(chunk_bytes):
+                out.write(chunk)
+                on_bytes(len(chunk))
+    except Exception as exc:
+        raise _classify(url, exc) from None
+
+
+# ---------------------------------------------------------------------------------------
+# The first row groups only (max_rows)
+# ---------------------------------------------------------------------------------------
+
+
+def _copy_first_row_groups(fingerprint: dict[str, Any], target: Path, max_rows: int) -> dict[str, Any]:
+    """Read the footer and the first row groups that hold max_rows rows by range; write them as parquet."""
+    url = fingerprint["url"]
+    partial = target.with_name(target.name + ".partial")
+    fs, path = filesystem(url)
+    try:
+        with fs.open(path, "rb", cache_type="none") as source:  # every read is one exact range request
+            try:
+                parquet = pq.ParquetFile(source)
+            except pa.ArrowInvalid as exc:
+                raise _not_parquet(url, str(exc)) from None
+            rows = row_groups = 0
+            with pq.ParquetWriter(partial, parquet.schema_arrow, compression="zstd") as writer:
+                while rows < max_rows and row_groups < parquet.num_row_groups:
+                    table = parquet.read_row_group(row_groups)
+                    writer.write_table(table, row_group_size=max(table.num_rows, 1))
+                    rows += table.num_rows
+                    row_groups += 1
+    except DownloadError:
+        partial.unlink(missing_ok=True)
+        raise
+    except Exception as exc:
+        partial.unlink(missing_ok=True)
+        raise _classify(url, exc) from None
+    _check_parquet_magic(url, partial)
+    os.replace(partial, target)
+    return {
+        "url": url,
+        "file": target.name,
+        "bytes": target.stat().st_size,
+        "sha256": sha256_file(target),
+        "etag": fingerprint.get("etag"),
+        "row_groups": row_groups,
+        "rows": rows,
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# Errors, retries and checks
+# ---------------------------------------------------------------------------------------
+
+
+def _retrying(url: str, attempts: int, backoff_s: float, action: Callable[[], Any]) -> Any:
+    """Run action, retrying _Transient failures with exponential backoff (or the server's Retry-After)."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return action()
+        except _Transient as exc:
+            if attempt == attempts:
+                raise DownloadError(
+                    f"{url}: still failing after {attempts} attempts ({exc}); run again later — a .partial download is resumed"
+                ) from None
+            delay = exc.retry_after if exc.retry_after is not None else backoff_s * 2 ** (attempt - 1)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _check_status(url: str, status: int, reason: str, headers: Any) -> None:
+    if status < 400:
+        return
+    if status in TRANSIENT_STATUS or status >= 500:
+        raise _Transient(f"{url}: HTTP {status} {reason}", _retry_after(headers.get("Retry-After")))
+    hint = " (the server refuses access: the URL is private or needs a token)" if status in (401, 403) else ""
+    raise DownloadError(f"{url}: HTTP {status} {reason}{hint} — check data.source")
+
+
+def _retry_after(value: str | None) -> float | None:
+    try:
+        return min(float(value), MAX_RETRY_AFTER_S) if value else None
+    except ValueError:  # an HTTP date: fall back to our own backoff
+        return None
+
+
+def _classify(url: str, exc: BaseException) -> Exception:
+    """Map an fsspec/backend exception to _Transient (retry) or DownloadError (give up)."""
+    if isinstance(exc, SourceError):
+        return DownloadError(str(exc))
+    if isinstance(exc, FileNotFoundError):
+        return DownloadError(f"source not found: {url} — check data.source")
+    if isinstance(exc, PermissionError):
+        return DownloadError(f"{url}: permission denied — check data.source and your credentials")
+    response = getattr(exc, "response", None)
+    status = getattr(exc, "status", None) or getattr(exc, "status_code", None) or getattr(response, "status_code", None)
+    message = f"{url}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    if isinstance(status, int):
+        if status in TRANSIENT_STATUS or status >= 500:
+            return _Transient(message)
+        return DownloadError(f"{message} — check data.source")
+    if isinstance(exc, (OSError, aiohttp.ClientError, requests.RequestException)):  # OSError covers connection and timeout errors
+        return _Transient(message)
+    return DownloadError(message)
+
+
+def _not_parquet(url: str, detail: str) -> DownloadError:
+    return DownloadError(
+        f"{url} is not a complete parquet file ({detail}); point data.source at FineWeb-style .parquet files "
+        "or re-upload the source if it was cut short"
+    )
+
+
+def _check_parquet_magic(url: str, path: Path) -> None:
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+        handle.seek(max(size - 4, 0))
+        tail = handle.read(4)
+    if size < 12 or head != PARQUET_MAGIC or tail != PARQUET_MAGIC:
+        raise _not_parquet(url, "no PAR1 magic at both ends")
+
+
+def _read_footer(url: str, path: Path) -> pq.FileMetaData:
+    try:
+        return pq.read_metadata(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise _not_parquet(url, str(exc).splitlines()[0]) from None
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None

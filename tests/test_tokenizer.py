@@ -1,0 +1,173 @@
+"""GPT-2 built offline, and the tokenize stage: EOT per document, document-level split,
+shards identical for any worker count, bad rows counted instead of crashing."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from configs.schema import TokenizeConfig
+from gpt.tokenizer import EOT, TokenizeError, gpt2_encoding, is_val_document, tokenize_parquet
+from storage.shards import read_shard
+
+PROJECT = Path(__file__).resolve().parents[1]
+SHARED = PROJECT.parent / "shared" / "data" / "fineweb-sample"
+SAMPLE = SHARED / "fineweb_sample_2800.parquet"
+FULL_SCHEMA_ROWS = SHARED / "documented_rows_full_schema.jsonl"
+WORDS = "the of and to in data model token train shard parquet stream seed python café naïve 東京 😀".split()
+
+
+def test_hello_world_is_gpt2():
+    enc = gpt2_encoding()
+    assert enc.encode_ordinary("Hello world") == [15496, 995]
+    assert (enc.name, enc.n_vocab, enc.eot_token, EOT) == ("gpt2", 50257, 50256, 50256)
+    assert enc.encode("<|endoftext|>", allowed_special="all") == [EOT]
+    assert gpt2_encoding() is enc  # built once per process
+
+
+def test_builds_offline_with_an_empty_tiktoken_cache(tmp_path):
+    """A fresh process, an empty tiktoken cache, no reachable network: still GPT-2."""
+    env = {**os.environ, "TIKTOKEN_CACHE_DIR": str(tmp_path), "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9"}
+    code = (
+        "import tiktoken\n"
+        "def refuse(name): raise AssertionError('tiktoken.get_encoding was called')\n"
+        "tiktoken.get_encoding = refuse\n"
+        "from gpt.tokenizer import gpt2_encoding\n"
+        "print(gpt2_encoding().encode_ordinary('Hello world'))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=PROJECT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[15496, 995]"
+
+
+@pytest.mark.skipif(not SAMPLE.exists(), reason="../shared FineWeb sample not present")
+def test_counts_match_tiktoken_counts_on_real_fineweb_rows():
+    table = pq.ParquetFile(SAMPLE).read_row_group(0, columns=["text", "gpt2_token_count_tiktoken"])
+    counts = [len(t) for t in gpt2_encoding().encode_ordinary_batch(table["text"].to_pylist())]
+    assert counts == table["gpt2_token_count_tiktoken"].to_pylist()
+
+
+@pytest.mark.skipif(not FULL_SCHEMA_ROWS.exists(), reason="../shared FineWeb rows not present")
+def test_counts_match_fineweb_token_count_column():
+    rows = [json.loads(line) for line in FULL_SCHEMA_ROWS.read_text().splitlines() if line.strip()]
+    assert [len(gpt2_encoding().encode_ordinary(r["text"])) for r in rows] == [r["token_count"] for r in rows]
+
+
+# ---------------------------------------------------------------------------------------
+# tokenize_parquet
+# ---------------------------------------------------------------------------------------
+
+
+def _texts(count: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 120))) + "." for _ in range(count)]
+
+
+def _write(path: Path, texts: list, row_group_size: int = 64, **columns) -> Path:
+    pq.write_table(pa.table({"text": pa.array(texts, pa.string()), **columns}), path, row_group_size=row_group_size)
+    return path
+
+
+def _documents(shard_paths: list[Path]) -> list[list[int]]:
+    """Split concatenated shards back into documents at EOT boundaries."""
+    tokens = np.concatenate([np.asarray(read_shard(p)) for p in shard_paths]) if shard_paths else np.zeros(0, np.uint16)
+    assert tokens.size == 0 or tokens[0] == EOT, "every split must start with EOT"
+    starts = np.flatnonzero(tokens == EOT)
+    return [tokens[a + 1 : b].tolist() for a, b in zip(starts, [*starts[1:], len(tokens)])]
+
+
+def _shards(folder: Path, split: str) -> list[Path]:
+    return sorted(folder.glob(f"{split}_*.bin"))
+
+
+def test_split_is_by_whole_document_and_every_document_starts_with_eot(tmp_path):
+    texts = _texts(400)
+    files = [_write(tmp_path / "a.parquet", texts[:250]), _write(tmp_path / "b.parquet", texts[250:])]
+    config = TokenizeConfig(val_fraction=0.1, shard_tokens=1024, num_workers=1, seed=7)
+    manifest = tokenize_parquet(files, tmp_path / "out", config)
+
+    enc = gpt2_encoding()
+    train, val = _documents(_shards(tmp_path / "out", "train")), _documents(_shards(tmp_path / "out", "val"))
+    positions = [(0, r) for r in range(250)] + [(1, r) for r in range(150)]
+    expected_val = [enc.encode_ordinary(t) for t, (f, r) in zip(texts, positions) if is_val_document(7, f, r, 0.1)]
+    expected_train = [enc.encode_ordinary(t) for t, (f, r) in zip(texts, positions) if not is_val_document(7, f, r, 0.1)]
+    assert val == expected_val and train == expected_train  # whole documents, in source order, none cut
+    assert manifest["documents"] == {"train": len(train), "val": len(val)}
+    assert 0 < len(val) < len(train)
+
+    shards = manifest["shards"]
+    assert [s["name"] for s in shards] == [p.name for p in _shards(tmp_path / "out", "train") + _shards(tmp_path / "out", "val")]
+    assert all(s["tokens"] <= 1024 for s in shards) and len(shards) > 3
+    assert sum(s["documents"] for s in shards if s["split"] == "train") == len(train)
+    assert manifest["tokens"]["train"] == sum(len(d) + 1 for d in train)
+    assert shards[0]["first_row"] == [0, 0] and shards[-1]["last_row"][0] == 1
+    assert manifest["text_bytes"]["val"] == sum(len(t.encode()) for t, (f, r) in zip(texts, positions) if is_val_document(7, f, r, 0.1))
+    lengths = manifest["doc_tokens"]
+    assert lengths["max"] == max(len(d) for d in train + val) and sum(lengths["histogram"]["counts"]) == 400
+
+
+def test_shards_are_byte_identical_for_one_and_two_workers(tmp_path):
+    path = _write(tmp_path / "docs.parquet", _texts(600, seed=3), row_group_size=100)
+    outputs = {}
+    for workers in (1, 2):
+        config = TokenizeConfig(val_fraction=0.05, shard_tokens=4096, num_workers=workers)
+        manifest = tokenize_parquet([path], tmp_path / f"w{workers}", config)
+        outputs[workers] = {p.name: p.read_bytes() for p in sorted((tmp_path / f"w{workers}").iterdir())}
+        assert manifest["num_workers"] == workers
+    assert outputs[1] == outputs[2]
+    assert len(outputs[1]) > 2
+
+
+def test_null_empty_and_invalid_utf8_rows_are_counted_not_fatal(tmp_path):
+    good = _texts(30)
+    raw = [t.encode() for t in good] + [None, b"", b"lone surrogate \xed\xa0\x80 here", b"bad byte \xff end"]
+    text = pa.array(raw, pa.binary()).view(pa.string())  # a string column holding invalid UTF-8, as lenient writers do
+    counts = [len(gpt2_encoding().encode_ordinary(t)) for t in good] + [None, 0, 999, None]
+    path = tmp_path / "messy.parquet"
+    pq.write_table(pa.table({"text": text, "token_count": pa.array(counts, pa.int64())}), path)
+
+    config = TokenizeConfig(val_fraction=0.3, shard_tokens=1024, num_workers=1)
+    manifest = tokenize_parquet([path], tmp_path / "out", config)
+    assert manifest["skipped_empty_documents"] == 2
+    assert manifest["invalid_utf8_documents"] == 2
+    assert sum(manifest["documents"].values()) == 32
+    assert manifest["token_count_mismatches"] == 1  # the deliberately wrong 999
+    docs = _documents(_shards(tmp_path / "out", "train")) + _documents(_shards(tmp_path / "out", "val"))
+    decoded = {gpt2_encoding().decode(d) for d in docs}
+    assert "lone surrogate \ufffd\ufffd\ufffd here" in decoded and "bad byte \ufffd end" in decoded
+
+
+@pytest.mark.skipif(not SAMPLE.exists(), reason="../shared FineWeb sample not present")
+def test_real_fineweb_counts_agree_with_token_count_column(tmp_path):
+    table = pq.ParquetFile(SAMPLE).read_row_group(0).rename_columns(["id", "url", "text", "token_count"])
+    path = tmp_path / "fineweb.parquet"
+    pq.write_table(table, path, row_group_size=100)
+    manifest = tokenize_parquet([path], tmp_path / "out", TokenizeConfig(val_fraction=0.05, num_workers=1), max_rows=300)
+    assert manifest["token_count_mismatches"] == 0
+    assert manifest["rows_read"] == 300
+    expected = sum(table["token_count"].to_pylist()[:300]) + 300
+    assert manifest["tokens"]["train"] + manifest["tokens"]["val"] == expected
+
+
+def test_missing_text_column_names_file_columns_and_fix(tmp_path):
+    path = tmp_path / "body.parquet"
+    pq.write_table(pa.table({"body": ["hello"], "id": ["1"]}), path)
+    with pytest.raises(TokenizeError) as error:
+        tokenize_parquet([path], tmp_path / "out", TokenizeConfig(num_workers=1))
+    message = str(error.value)
+    assert "body.parquet" in message and "body, id" in message and "--set data.text_column=" in message
+    assert "\n" not in message
+
+
+def test_no_validation_document_is_an_error_and_leaves_no_shards(tmp_path):
+    path = _write(tmp_path / "few.parquet", _texts(3))
+    with pytest.raises(TokenizeError, match="no document landed in val"):
+        tokenize_parquet([path], tmp_path / "out", TokenizeConfig(val_fraction=1e-9, num_workers=1))
+    assert not list((tmp_path / "out").iterdir())
