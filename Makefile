@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 
-.PHONY: help venv demo test bench clean
+.PHONY: help venv demo test bench up down ui browser clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -23,8 +23,24 @@ venv: $(STAMP)  ## create or refresh .venv (torch CPU build pinned)
 demo: venv  ## run the whole pipeline offline on configs/demo.yaml
 	$(PY) -m flows.fineweb_pretrain --config configs/demo.yaml
 
-test: venv  ## run the test suite
+test: venv browser  ## run the test suite (starts and stops its own Prefect server and worker)
 	$(PY) -m pytest
+
+browser:  ## install Debian's chromium for the UI test, where apt-get is available
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+	      || echo "could not install chromium: the browser test will be skipped"; \
+	  else echo "chromium is not installed and apt-get is unavailable: the browser test will be skipped"; fi; }
+
+up: venv  ## start a local Prefect server, work pool, deployments and worker (honours PREFECT_HOME, PREFECT_SERVER_API_PORT)
+	$(PY) -m flows.stack up
+
+down: venv  ## stop the local worker and server
+	$(PY) -m flows.stack down
+
+ui: venv  ## print the Prefect UI URL
+	@$(PY) -m flows.stack ui
 
 bench: venv  ## run the pytest-benchmark suites, results under .benchmarks/
 	$(PY) -m pytest tests/benchmarks --benchmark-only --benchmark-autosave --benchmark-columns=min,mean,max,rounds -p no:randomly

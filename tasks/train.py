@@ -19,6 +19,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 
 from configs import PipelineConfig, describe
 from gpt.checkpoint import latest_checkpoint
+from gpt.train import describe_event
 from gpt.train import train as train_gpt
 from storage.artifacts import ArtifactStore
 from tasks.charts import line_chart_svg, markdown_image
@@ -131,16 +132,9 @@ def train(store: ArtifactStore, config: PipelineConfig, tokenize_ref: dict[str, 
     progress = ProgressArtifact(f"training {config.run_name} to {config.train.max_iters} iterations")
 
     def on_event(event: dict[str, Any]) -> None:
-        if event.get("event") == "train":
-            progress.update(event["iter"], config.train.max_iters)
-            mfu = f", MFU {event['mfu']:.1%}" if event.get("mfu") is not None else ""
-            print(f"iter {event['iter']}: loss {event['loss']:.4f}, lr {event['lr']:.2e}, "
-                  f"{event['ms_per_iter']:.0f} ms/iter, {event['tokens_per_sec']:,.0f} tok/s{mfu}")
-        elif event.get("event") == "eval":
-            print(f"iter {event['iter']}: val loss {event['val_loss']:.4f}")
-        elif event.get("event") == "start":
-            print(describe(config) + (f"; resuming from iteration {event['resumed_from_iter']}"
-                                      if event.get("resumed_from_iter") else ""))
+        print(describe_event(event))
+        if event["event"] == "train":
+            progress.update(event["iter"] + 1, config.train.max_iters)
 
     with exclusive_run(folder):
         if config.train.nproc_per_node > 1:
@@ -148,6 +142,9 @@ def train(store: ArtifactStore, config: PipelineConfig, tokenize_ref: dict[str, 
         else:
             result = train_gpt(config, data_dir, folder, on_event=on_event)
     progress.update(1, 1)
+    if result.get("already_complete"):
+        print(f"run {config.run_name} is already at iteration {result['iterations']} "
+              f"(train.max_iters {config.train.max_iters}); nothing trained — raise train.max_iters to continue it")
     publish_training_artifacts(config, folder, result, ui_name)
     return json.loads(json.dumps(result, default=str))
 

@@ -1,0 +1,115 @@
+"""The whole pipeline end to end through its public entry point, against a real Prefect server."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from storage.artifacts import ArtifactStore
+from tests.conftest import run_pipeline_cli
+
+STAGES = ["download", "profile", "tokenize", "train", "evaluate", "sample"]
+DATA_STAGES = ["download", "profile", "tokenize"]
+
+
+@pytest.fixture(scope="module")
+def demo_runs(prefect_server, tmp_path_factory):
+    """The demo preset run twice under one storage root: (first summary, second summary, env)."""
+    root = tmp_path_factory.mktemp("demo") / "artifacts"
+    env = dict(prefect_server.env, FWP_STORAGE_ROOT=str(root), PREFECT_LOGGING_LEVEL="INFO")
+    first, first_summary = run_pipeline_cli(["--config", "configs/demo.yaml"], env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second, second_summary = run_pipeline_cli(["--config", "configs/demo.yaml"], env)
+    assert second.returncode == 0, second.stderr[-3000:]
+    return first_summary, second_summary, second.stdout + second.stderr, env
+
+
+def test_demo_runs_every_stage_and_publishes_verified_artifacts(demo_runs):
+    summary, _, _, env = demo_runs
+    assert list(summary["stages"]) == STAGES
+    assert summary["storage_root"] == str(Path(env["FWP_STORAGE_ROOT"]).resolve())
+    store = ArtifactStore(summary["storage_root"])
+    for stage in ["download", "profile", "tokenize", "evaluate", "sample"]:
+        info = summary["stages"][stage]
+        assert info["cache_hit"] is False
+        manifest = json.loads((Path(info["path"]) / "manifest.json").read_text())
+        assert manifest["stage"] == stage and manifest["version"] == info["version"]
+        assert manifest["files"], f"{stage} published no files"
+        assert store.verify(stage, info["version"]) == []
+    tokenize_dir = Path(summary["stages"]["tokenize"]["path"])
+    assert sorted(p.name for p in tokenize_dir.glob("*.bin"))[0].startswith("train_")
+    assert list(tokenize_dir.glob("val_*.bin"))
+    assert (Path(summary["stages"]["profile"]["path"]) / "profile.json").exists()
+    checkpoint = Path(summary["stages"]["train"]["path"])
+    assert (checkpoint / "manifest.json").exists()
+    assert summary["iterations"] == 120
+    assert summary["tokens_trained"] == 120 * 8 * 128 * 2
+    # trained: well below the loss of a uniform guess over GPT-2's vocabulary
+    assert math.isfinite(summary["val_loss"]) and summary["val_loss"] < math.log(50257) - 2
+    samples = (Path(summary["stages"]["sample"]["path"]) / "samples.txt").read_text()
+    assert samples.count("The module") == 2
+
+
+def test_second_run_is_served_from_the_cache_with_the_same_versions(demo_runs):
+    first, second, output, _ = demo_runs
+    for stage in DATA_STAGES + ["evaluate", "sample"]:
+        assert second["stages"][stage]["cache_hit"] is True, stage
+        assert second["stages"][stage]["version"] == first["stages"][stage]["version"]
+        assert f"{stage}: cache hit" in output
+    assert second["iterations"] == first["iterations"]  # already trained: nothing retrained
+    assert second["stages"]["train"]["path"] == first["stages"]["train"]["path"]
+
+
+def test_ui_artifacts_are_published_under_stable_keys(demo_runs, prefect_server):
+    import httpx
+
+    keys = {"demo-data-profile", "demo-tokenize-shards", "demo-model-card", "demo-loss-curve", "demo-evaluation", "demo-samples"}
+    response = httpx.post(f"{prefect_server.api_url}/artifacts/latest/filter", json={"limit": 200})
+    response.raise_for_status()
+    published = {artifact["key"] for artifact in response.json()}
+    assert keys <= published, keys - published
+
+
+def _last_line(text: str) -> str:
+    return text.strip().splitlines()[-1]
+
+
+def test_missing_source_fails_with_one_line_and_keeps_earlier_artifacts(demo_runs, tmp_path):
+    summary, _, _, env = demo_runs
+    process, _ = run_pipeline_cli(["--config", "configs/demo.yaml", "--set", f"data.source={tmp_path}/nope.parquet"], env)
+    assert process.returncode == 1
+    line = _last_line(process.stderr)
+    assert line.startswith("error:") and "nope.parquet" in line and "data.source" in line
+    store = ArtifactStore(summary["storage_root"])
+    for stage in DATA_STAGES:
+        assert store.verify(stage, summary["stages"][stage]["version"]) == []
+
+
+def test_parquet_without_text_column_is_rejected_by_name(demo_runs, tmp_path):
+    _, _, _, env = demo_runs
+    bad = tmp_path / "no_text.parquet"
+    pq.write_table(pa.table({"body": ["a document", "another"], "id": ["1", "2"]}), bad)
+    process, _ = run_pipeline_cli(["--config", "configs/demo.yaml", "--set", f"data.source=file://{bad}", "--until", "tokenize"], env)
+    assert process.returncode == 1
+    line = _last_line(process.stderr)
+    assert line.startswith("error:") and "text" in line and "no_text.parquet" in line
+    assert not any(p.name.startswith(".") and p.name.endswith(".tmp") for p in Path(env["FWP_STORAGE_ROOT"]).rglob("*"))
+
+
+def test_invalid_config_value_fails_before_anything_runs(tmp_path):
+    import subprocess
+    import sys
+
+    root = tmp_path / "artifacts"
+    process = subprocess.run([sys.executable, "-m", "flows.fineweb_pretrain", "--config", "configs/demo.yaml",
+                              "--set", "train.max_iters=-5", "--set", f"storage.root={root}"],
+                             capture_output=True, text=True, timeout=120)
+    assert process.returncode == 1
+    line = _last_line(process.stderr)
+    assert "train.max_iters" in line and "greater than or equal to 1" in line
+    assert not root.exists()

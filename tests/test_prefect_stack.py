@@ -1,0 +1,127 @@
+"""Operations through a real Prefect server and process worker: deploy from prefect.yaml,
+`prefect deployment run`, continuation that resumes (not restarts), artifacts in the UI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from flows.stack import WORK_POOL, deploy_all, down, stack_from_env, start_server, start_worker
+from tests.conftest import PROJECT_ROOT, free_port
+
+pytestmark = pytest.mark.integration
+TEST_OUTPUT = PROJECT_ROOT / "test-output"
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """Server + work pool + every deployment in prefect.yaml + a worker, with a private PREFECT_HOME and storage root."""
+    home = tmp_path_factory.mktemp("stack-home")
+    root = tmp_path_factory.mktemp("stack-artifacts")
+    stack = stack_from_env(folder=home / "stack", port=free_port(),
+                           extra_env={"PREFECT_HOME": str(home), "FWP_STORAGE_ROOT": str(root),
+                                      "PREFECT_LOGGING_LEVEL": "INFO", "OMP_NUM_THREADS": "2"})
+    start_server(stack)
+    deploy_all(stack)
+    start_worker(stack)
+    yield stack, root
+    down(stack)
+
+
+def prefect_cli(stack, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", *args], cwd=PROJECT_ROOT, env=stack.env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def api(stack, method: str, path: str, **kwargs) -> object:
+    response = httpx.request(method, f"{stack.api_url}{path}", timeout=30, **kwargs)
+    response.raise_for_status()
+    return response.json()
+
+
+def run_deployment(stack, name: str, *params: str) -> dict:
+    """`prefect deployment run NAME --watch`; return the flow run as the API reports it."""
+    result = prefect_cli(stack, "deployment", "run", name, *params, "--watch")
+    assert "Created flow run" in result.stdout, result.stdout + result.stderr
+    run_id = result.stdout.split("UUID:")[1].split()[0].strip()
+    flow_run = api(stack, "GET", f"/flow_runs/{run_id}")
+    logs = api(stack, "POST", "/logs/filter", json={"logs": {"flow_run_id": {"any_": [run_id]}}, "limit": 200})
+    flow_run["log_text"] = "\n".join(entry["message"] for entry in logs)
+    return flow_run
+
+
+def test_every_preset_is_deployed_on_the_process_pool(stack):
+    stack, _ = stack
+    deployments = api(stack, "POST", "/deployments/filter", json={})
+    names = {d["name"]: d for d in deployments}
+    assert {"demo", "fineweb-40m", "gpt2-124m", "continue-to-20k"} <= set(names)
+    assert all(d["work_pool_name"] == WORK_POOL for d in names.values())
+    continuation = names["continue-to-20k"]
+    assert continuation["parameters"]["overrides"] == {"train.max_iters": 20000}
+    schedules = continuation["schedules"]
+    assert len(schedules) == 1 and schedules[0]["active"] is False
+
+
+def test_bad_parameter_is_rejected_by_prefect_naming_the_field(stack):
+    stack, _ = stack
+    result = prefect_cli(stack, "deployment", "run", "fineweb-pretrain/demo", "--param", "until=nowhere")
+    assert result.returncode != 0
+    assert "until" in (result.stdout + result.stderr)
+
+
+def test_deployment_run_then_continuation_resumes_from_the_last_checkpoint(stack):
+    stack, root = stack
+    first = run_deployment(stack, "fineweb-pretrain/demo")
+    assert first["state"]["type"] == "COMPLETED", first["log_text"][-3000:]
+    assert first["name"] == "demo/demo"
+    checkpoints = sorted((root / "runs" / "demo" / "checkpoints").glob("step_*"))
+    assert checkpoints[-1].name == "step_000120"
+
+    continued = run_deployment(stack, "fineweb-pretrain/demo", "--param", 'overrides={"train.max_iters": 160}',
+                               "--param", "continue_run=true")
+    assert continued["state"]["type"] == "COMPLETED", continued["log_text"][-3000:]
+    log = continued["log_text"]
+    for stage in ("download", "profile", "tokenize"):
+        assert f"{stage}: cache hit" in log
+    assert "resumed from iteration 120" in log
+    state = json.loads((root / "runs" / "demo" / "checkpoints" / "step_000160" / "state.json").read_text())
+    assert state["iteration"] == 160
+    metrics = [json.loads(line) for line in (root / "runs" / "demo" / "metrics.jsonl").read_text().splitlines()]
+    train_iters = [m["iter"] for m in metrics if m["event"] == "train"]
+    assert train_iters == sorted(train_iters), "the continuation restarted instead of resuming"
+
+    again = run_deployment(stack, "fineweb-pretrain/demo", "--param", 'overrides={"train.max_iters": 160}',
+                           "--param", "continue_run=true")
+    assert again["state"]["type"] == "COMPLETED"
+    assert "already at iteration 160" in again["log_text"]
+
+
+@pytest.mark.browser
+def test_ui_renders_profile_loss_curve_and_samples(stack):
+    """Headless Chromium opens the artifacts of the demo run and finds them rendered."""
+    stack, _ = stack
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (make test installs it where apt-get is available)")
+    from playwright.sync_api import sync_playwright
+
+    TEST_OUTPUT.mkdir(exist_ok=True)
+    found = {}
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium,
+                                             args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        for key, expect in {"demo-data-profile": "Data profile", "demo-training-curves": "Training curves",
+                            "demo-samples": "Samples from"}.items():
+            page.goto(f"{stack.ui_url}/artifacts/key/{key}")
+            page.get_by_text(expect).first.wait_for(timeout=30_000)
+            found[key] = page.locator("img").count()
+            page.screenshot(path=str(TEST_OUTPUT / f"ui-{key}.png"), full_page=True)
+        browser.close()
+    assert found["demo-training-curves"] >= 4  # loss, lr, ms/iter, MFU charts rendered as images
