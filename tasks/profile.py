@@ -12,6 +12,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from configs import DataConfig, ProfileConfig
 from storage.artifacts import ArtifactStore, code_version, stable_hash
 from storage.profile import histogram_svg, profile_markdown, profile_parquet
+from tasks.charts import markdown_image
 from tasks.common import ui_key, version_cache_key
 from tasks.download import parquet_files
 
@@ -42,7 +43,9 @@ def profile(store: ArtifactStore, version: str, download_ref: dict[str, Any], da
                              config=config.model_dump(), code=code_version(CODE))
     folder = store.path(STAGE, version)
     report = json.loads((folder / "profile.json").read_text())
-    create_markdown_artifact(key=ui_key(ui_name, "data-profile"), markdown=(folder / "profile.md").read_text(),
+    pictures = [markdown_image(svg.read_text(), svg.stem) for svg in sorted(folder.glob("*_histogram.svg"))]
+    create_markdown_artifact(key=ui_key(ui_name, "data-profile"),
+                             markdown="\n\n".join([(folder / "profile.md").read_text(), *pictures]),
                              description="DuckDB profile of the downloaded parquet")
     summary = [{"metric": k, "value": v} for k, v in report.items() if isinstance(v, (int, float, str))]
     create_table_artifact(key=ui_key(ui_name, "data-profile-summary"), table=summary,

@@ -56,6 +56,12 @@ def run_deployment(stack, name: str, *params: str) -> dict:
     return flow_run
 
 
+@pytest.fixture(scope="module")
+def demo_run(stack) -> dict:
+    """`prefect deployment run fineweb-pretrain/demo --watch`, once for the module."""
+    return run_deployment(stack[0], "fineweb-pretrain/demo")
+
+
 def test_every_preset_is_deployed_on_the_process_pool(stack):
     stack, _ = stack
     deployments = api(stack, "POST", "/deployments/filter", json={})
@@ -75,9 +81,9 @@ def test_bad_parameter_is_rejected_by_prefect_naming_the_field(stack):
     assert "until" in (result.stdout + result.stderr)
 
 
-def test_deployment_run_then_continuation_resumes_from_the_last_checkpoint(stack):
+def test_deployment_run_then_continuation_resumes_from_the_last_checkpoint(stack, demo_run):
     stack, root = stack
-    first = run_deployment(stack, "fineweb-pretrain/demo")
+    first = demo_run
     assert first["state"]["type"] == "COMPLETED", first["log_text"][-3000:]
     assert first["name"] == "demo/demo"
     checkpoints = sorted((root / "runs" / "demo" / "checkpoints").glob("step_*"))
@@ -103,25 +109,32 @@ def test_deployment_run_then_continuation_resumes_from_the_last_checkpoint(stack
 
 
 @pytest.mark.browser
-def test_ui_renders_profile_loss_curve_and_samples(stack):
+def test_ui_renders_profile_loss_curve_and_samples(stack, demo_run):
     """Headless Chromium opens the artifacts of the demo run and finds them rendered."""
     stack, _ = stack
+    assert demo_run["state"]["type"] == "COMPLETED"
     chromium = shutil.which("chromium")
     if chromium is None:
         pytest.skip("Debian's chromium is not installed (make test installs it where apt-get is available)")
     from playwright.sync_api import sync_playwright
 
     TEST_OUTPUT.mkdir(exist_ok=True)
-    found = {}
+    expected = {"demo-data-profile": "Data profile", "demo-training-curves": "Training curves", "demo-samples": "Samples from"}
+    images = {}
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=chromium,
                                              args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
         page = browser.new_page(viewport={"width": 1280, "height": 1000})
-        for key, expect in {"demo-data-profile": "Data profile", "demo-training-curves": "Training curves",
-                            "demo-samples": "Samples from"}.items():
-            page.goto(f"{stack.ui_url}/artifacts/key/{key}")
-            page.get_by_text(expect).first.wait_for(timeout=30_000)
-            found[key] = page.locator("img").count()
+        page.goto(f"{stack.ui_url}/artifacts/key/demo-training-curves")  # the history of one key across runs
+        page.get_by_text("demo/demo").first.wait_for(timeout=30_000)
+        page.screenshot(path=str(TEST_OUTPUT / "ui-training-curves-history.png"), full_page=True)
+        for key, heading in expected.items():
+            [latest] = api(stack, "POST", "/artifacts/latest/filter", json={"artifacts": {"key": {"any_": [key]}}})
+            page.goto(f"{stack.ui_url}/artifacts/artifact/{latest['latest_id']}")
+            page.get_by_text(heading).first.wait_for(timeout=30_000)
+            page.wait_for_function("[...document.images].every(img => img.complete)")
+            images[key] = page.evaluate("[...document.images].filter(img => img.naturalWidth > 0).length")
             page.screenshot(path=str(TEST_OUTPUT / f"ui-{key}.png"), full_page=True)
         browser.close()
-    assert found["demo-training-curves"] >= 4  # loss, lr, ms/iter, MFU charts rendered as images
+    assert images["demo-training-curves"] >= 4  # loss, lr, ms/iter, MFU pictures decoded by the browser
+    assert images["demo-data-profile"] >= 1  # the text-length histogram
