@@ -164,7 +164,11 @@ def _tokenize_job(job: _Job) -> _Tokenized:
         rows.append(job.first_row + offset)
         text_bytes.append(size)
 
-    encoded = (_worker_encoding or gpt2_encoding()).encode_ordinary_batch(texts, num_threads=job.num_threads)
+    enc = _worker_encoding or gpt2_encoding()
+    if job.num_threads > 1:  # tiktoken releases the GIL, so threads share the spare cores
+        encoded = enc.encode_ordinary_batch(texts, num_threads=job.num_threads)
+    else:  # one thread: a plain loop, as the batch call's thread handoffs cost ~40% (see BENCHMARKS.md)
+        encoded = [enc.encode_ordinary(text) for text in texts]
     lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
     tokens = np.fromiter(
         chain.from_iterable(chain((EOT,), doc) for doc in encoded),
@@ -245,13 +249,13 @@ def _text_as_binary(column: pa.Array) -> pa.Array:
     return column
 
 
-def _open_checked(path: Path, text_column: str) -> pq.ParquetFile:
-    """Open a parquet file and check that it has a usable text column."""
+def _read_schema(path: Path, text_column: str) -> tuple[pa.Schema, int]:
+    """Check from the footer that a file is parquet with a usable text column: (schema, rows)."""
     try:
-        parquet = pq.ParquetFile(path)
+        metadata = pq.read_metadata(path)
+        schema = metadata.schema.to_arrow_schema()
     except (OSError, pa.ArrowException) as exc:
         raise TokenizeError(f"{path} is not a readable parquet file ({str(exc).splitlines()[0]}); re-run the download stage") from None
-    schema = parquet.schema_arrow
     if text_column not in schema.names:
         raise TokenizeError(
             f"{path} has no column {text_column!r} (its columns: {', '.join(schema.names)}); "
@@ -262,38 +266,39 @@ def _open_checked(path: Path, text_column: str) -> pq.ParquetFile:
         raise TokenizeError(
             f"{path}: column {text_column!r} holds {kind}, not text; name the text column with --set data.text_column=..."
         )
-    return parquet
+    return schema, metadata.num_rows
 
 
-def _has_token_counts(parquet: pq.ParquetFile) -> bool:
-    schema = parquet.schema_arrow
+def _has_token_counts(schema: pa.Schema) -> bool:
     return TOKEN_COUNT_COLUMN in schema.names and pa.types.is_integer(schema.field(TOKEN_COUNT_COLUMN).type)
 
 
 def _jobs(
-    parquets: list[pq.ParquetFile], text_column: str, max_rows: int | None, config: TokenizeConfig, num_threads: int
+    files: list[Path], schemas: list[pa.Schema], text_column: str, max_rows: int | None, config: TokenizeConfig, num_threads: int
 ) -> Iterator[_Job]:
-    """Consecutive batches of rows over all files, stopping after max_rows rows."""
+    """Consecutive batches of rows over all files, stopping after max_rows rows. One file is
+    open at a time and closed when done, so Arrow frees its read buffers."""
     remaining = max_rows
-    for file_index, parquet in enumerate(parquets):
-        columns = [text_column] + ([TOKEN_COUNT_COLUMN] if _has_token_counts(parquet) else [])
+    for file_index, (path, schema) in enumerate(zip(files, schemas)):
+        columns = [text_column] + ([TOKEN_COUNT_COLUMN] if _has_token_counts(schema) else [])
         first_row = 0
-        for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=columns):
-            if remaining is not None:
-                if remaining == 0:
-                    return
-                batch = batch.slice(0, remaining)
-                remaining -= batch.num_rows
-            yield _Job(
-                file_index=file_index,
-                first_row=first_row,
-                texts=_text_as_binary(batch.column(0)),
-                token_counts=batch.column(1) if len(columns) == 2 else None,
-                seed=config.seed,
-                val_fraction=config.val_fraction,
-                num_threads=num_threads,
-            )
-            first_row += batch.num_rows
+        with pq.ParquetFile(path) as parquet:
+            for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=columns):
+                if remaining is not None:
+                    if remaining == 0:
+                        return
+                    batch = batch.slice(0, remaining)
+                    remaining -= batch.num_rows
+                yield _Job(
+                    file_index=file_index,
+                    first_row=first_row,
+                    texts=_text_as_binary(batch.column(0)),
+                    token_counts=batch.column(1) if len(columns) == 2 else None,
+                    seed=config.seed,
+                    val_fraction=config.val_fraction,
+                    num_threads=num_threads,
+                )
+                first_row += batch.num_rows
 
 
 def _tokenized_in_order(jobs: Iterator[_Job], num_workers: int) -> Iterator[_Tokenized]:
@@ -362,11 +367,11 @@ def tokenize_parquet(
     out_dir.mkdir(parents=True, exist_ok=True)
     if any(out_dir.glob("*.bin")):
         raise TokenizeError(f"{out_dir} already holds .bin shards; tokenize into an empty folder")
-    parquets = [_open_checked(Path(file), text_column) for file in files]
-    if not parquets:
+    files = [Path(file) for file in files]
+    if not files:
         raise TokenizeError("no parquet files to tokenize; check data.source")
-    rows_total = sum(p.metadata.num_rows for p in parquets)
-    rows_total = min(rows_total, max_rows) if max_rows is not None else rows_total
+    schemas, rows = zip(*(_read_schema(file, text_column) for file in files))
+    rows_total = min(sum(rows), max_rows) if max_rows is not None else sum(rows)
     num_workers = config.num_workers or os.cpu_count() or 1
     num_threads = max(1, (os.cpu_count() or 1) // num_workers)  # workers × threads ≈ cores
 
@@ -378,7 +383,7 @@ def tokenize_parquet(
     rows_done = skipped = invalid = mismatches = 0
     started = time.perf_counter()
     try:
-        jobs = _jobs(parquets, text_column, max_rows, config, num_threads)
+        jobs = _jobs(files, list(schemas), text_column, max_rows, config, num_threads)
         for result in _tokenized_in_order(jobs, num_workers):
             ends = np.cumsum(result.lengths + 1)
             for i, row in enumerate(result.rows.tolist()):
@@ -427,6 +432,6 @@ def tokenize_parquet(
         "seconds": round(seconds, 3),
         "tokens_per_second": round(sum(tokens.values()) / seconds, 1) if seconds > 0 else None,
     }
-    if any(_has_token_counts(p) for p in parquets):
+    if any(_has_token_counts(schema) for schema in schemas):
         manifest["token_count_mismatches"] = mismatches
     return manifest

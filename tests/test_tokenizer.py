@@ -171,3 +171,10 @@ def test_no_validation_document_is_an_error_and_leaves_no_shards(tmp_path):
     with pytest.raises(TokenizeError, match="no document landed in val"):
         tokenize_parquet([path], tmp_path / "out", TokenizeConfig(val_fraction=1e-9, num_workers=1))
     assert not list((tmp_path / "out").iterdir())
+
+
+def test_non_parquet_input_is_a_one_line_error(tmp_path):
+    junk = tmp_path / "junk.parquet"
+    junk.write_text("not parquet at all")
+    with pytest.raises(TokenizeError, match=r"junk.parquet is not a readable parquet file .*re-run the download stage"):
+        tokenize_parquet([junk], tmp_path / "out", TokenizeConfig(num_workers=1))
