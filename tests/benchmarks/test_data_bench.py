@@ -1,0 +1,204 @@
+"""Data-stage benchmarks (`make bench`): tokenize throughput against a plain encode loop, peak
+memory at 1× and 4× input against reading everything at once, and the DuckDB profile against
+pyarrow's bare read of the same text.
+
+Input: the real FineWeb sample from ../shared when present, else the embedded demo corpus.
+Peak RSS is measured in a fresh subprocess per run: its own VmHWM (exact; ru_maxrss would
+inherit pytest's high-water mark across fork) and the sampled RSS of its whole process tree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from configs.schema import TokenizeConfig
+from gpt.tokenizer import gpt2_encoding, tokenize_parquet
+from storage.demo_corpus import build_demo_corpus
+from storage.profile import profile_parquet
+
+PROJECT = Path(__file__).resolve().parents[2]
+SAMPLE = PROJECT.parent / "shared" / "data" / "fineweb-sample" / "fineweb_sample_2800.parquet"
+SHARD_TOKENS = 1 << 20  # the demo preset's order of magnitude; each split buffers at most this many tokens
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict[int, list[Path]]:
+    """The input at 1× (one file) and 4× (four copies)."""
+    folder = tmp_path_factory.mktemp("bench-input")
+    one = SAMPLE if SAMPLE.exists() else build_demo_corpus(folder)
+    copies = []
+    for i in range(4):
+        copy = folder / f"copy{i}.parquet"
+        shutil.copyfile(one, copy)
+        copies.append(copy)
+    return {1: [one], 4: copies}
+
+
+def _texts(files: list[Path]) -> list[str]:
+    return [t for f in files for t in pq.read_table(f, columns=["text"])["text"].to_pylist() if t]
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process (all threads) and of its finished children (tokenizer workers)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+@pytest.fixture(scope="module")
+def baseline_throughput(corpus) -> tuple[int, float, float]:
+    """(tokens, wall seconds, CPU seconds) of one process calling enc.encode_ordinary on each text of the 4× input."""
+    enc = gpt2_encoding()
+    texts = _texts(corpus[4])
+    started, cpu_started = time.perf_counter(), _cpu_seconds()
+    tokens = sum(len(enc.encode_ordinary(t)) for t in texts)
+    return tokens, time.perf_counter() - started, _cpu_seconds() - cpu_started
+
+
+@pytest.mark.parametrize("workers", [1, 0])
+def test_tokenize_throughput(benchmark, corpus, baseline_throughput, tmp_path, workers):
+    """tokenize_parquet on the 4× input (shards written; workers=0 means one process per core)
+    vs the plain single-process encode_ordinary loop over the same texts."""
+    cpu = []
+
+    def run():
+        started = _cpu_seconds()
+        manifest = tokenize_parquet(corpus[4], tmp_path / "out", TokenizeConfig(num_workers=workers, shard_tokens=SHARD_TOKENS))
+        cpu.append(_cpu_seconds() - started)
+        return manifest
+
+    manifest = benchmark.pedantic(run, rounds=1, iterations=1)
+    baseline_tokens, baseline_s, baseline_cpu = baseline_throughput
+    documents = sum(manifest["documents"].values())
+    tokens = sum(manifest["tokens"].values())
+    assert tokens == baseline_tokens + documents  # + one EOT per document
+    ours = tokens / benchmark.stats.stats.min
+    benchmark.extra_info.update(
+        {
+            "input": f"4 x {corpus[1][0].name}",
+            "documents": documents,
+            "tokens": tokens,
+            "workers": manifest["num_workers"],
+            "tokens_per_s": round(ours),
+            "baseline_encode_ordinary_loop_tokens_per_s": round(baseline_tokens / baseline_s),
+            "ratio_vs_baseline": round(ours / (baseline_tokens / baseline_s), 2),
+            "tokens_per_cpu_s": round(tokens / cpu[0]),
+            "baseline_tokens_per_cpu_s": round(baseline_tokens / baseline_cpu),
+            "load_average_1min": round(os.getloadavg()[0], 2),
+        }
+    )
+
+
+HWM = "int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0]) / 1024"  # this process's peak RSS, MB
+
+RSS_OURS = f"""
+import json, sys
+from pathlib import Path
+from configs.schema import TokenizeConfig
+from gpt.tokenizer import tokenize_parquet
+if __name__ == "__main__":
+    out, files = Path(sys.argv[1]), [Path(p) for p in sys.argv[2:]]
+    manifest = tokenize_parquet(files, out, TokenizeConfig(num_workers=0, shard_tokens={SHARD_TOKENS}))
+    print(json.dumps({{"main_mb": {HWM}, "tokens": sum(manifest["tokens"].values())}}))
+"""
+
+RSS_FLOOR = f"""
+import json
+from gpt.tokenizer import gpt2_encoding
+gpt2_encoding().encode_ordinary("warm up")
+print(json.dumps({{"main_mb": {HWM}}}))
+"""
+
+RSS_NAIVE = f"""
+import json, sys
+import numpy as np, pyarrow.parquet as pq
+from gpt.tokenizer import gpt2_encoding
+enc = gpt2_encoding()
+texts = [t for f in sys.argv[2:] for t in pq.read_table(f, columns=["text"])["text"].to_pylist()]
+tokens = [np.array(enc.encode_ordinary(t), dtype=np.uint16) for t in texts]
+print(json.dumps({{"main_mb": {HWM}, "tokens": int(sum(len(t) for t in tokens))}}))
+"""
+
+
+def _tree_rss_mb(root: int) -> float:
+    """Current RSS of a process and all its descendants (from /proc), MB."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    tree, frontier = {root}, [root]
+    while frontier:
+        frontier = [pid for pid, parent in parents.items() if parent in frontier and pid not in tree]
+        tree.update(frontier)
+    total_kb = 0
+    for pid in tree:
+        try:
+            total_kb += int(Path(f"/proc/{pid}/status").read_text().split("VmRSS:")[1].split()[0])
+        except (OSError, IndexError, ValueError):
+            continue
+    return total_kb / 1024
+
+
+def _peak_rss(script: str, out: Path, files: list[Path]) -> dict:
+    """Run script in a fresh process: its own peak (VmHWM, exact) and the peak of its whole
+    process tree, workers included (sampled every 20 ms)."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", script, str(out), *map(str, files)], cwd=PROJECT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    tree_peak = 0.0
+    while process.poll() is None:
+        tree_peak = max(tree_peak, _tree_rss_mb(process.pid))
+        time.sleep(0.02)
+    stdout, stderr = process.communicate()
+    assert process.returncode == 0, stderr[-2000:]
+    return {**json.loads(stdout.strip().splitlines()[-1]), "tree_mb": tree_peak}
+
+
+@pytest.mark.parametrize("scale", [1, 4])
+def test_tokenize_peak_rss(benchmark, corpus, tmp_path, scale):
+    """Streaming keeps memory flat as input grows; reading everything first does not."""
+    ours = benchmark.pedantic(lambda: _peak_rss(RSS_OURS, tmp_path / "ours", corpus[scale]), rounds=1, iterations=1)
+    naive = _peak_rss(RSS_NAIVE, tmp_path / "naive", corpus[scale])
+    floor = _peak_rss(RSS_FLOOR, tmp_path / "floor", [])
+    benchmark.extra_info.update(
+        {
+            "scale": scale,
+            "tokens": ours["tokens"],
+            "peak_rss_main_mb": round(ours["main_mb"]),
+            "peak_rss_all_processes_mb": round(ours["tree_mb"]),
+            "baseline_read_all_then_encode_peak_rss_mb": round(naive["main_mb"]),
+            "floor_process_with_gpt2_encoding_mb": round(floor["main_mb"]),
+        }
+    )
+
+
+@pytest.mark.parametrize("scale", [1, 4])
+def test_profile_time(benchmark, corpus, scale):
+    """The whole DuckDB profile vs pyarrow reading the text column and measuring lengths only."""
+    files = corpus[scale]
+    started = time.perf_counter()
+    for file in files:
+        pc.sum(pc.utf8_length(pq.read_table(file, columns=["text"])["text"]))
+    baseline_s = time.perf_counter() - started
+    profile = benchmark.pedantic(lambda: profile_parquet(files), rounds=3, iterations=1)
+    benchmark.extra_info.update(
+        {
+            "scale": scale,
+            "rows": profile["rows"],
+            "text_mb": round(profile["text"]["utf8_bytes_total"] / 1e6, 1),
+            "baseline_pyarrow_read_and_length_s": round(baseline_s, 3),
+        }
+    )
