@@ -21,6 +21,7 @@ import platform
 import sys
 import sysconfig
 import uuid
+import warnings
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -113,14 +114,16 @@ def demo_documents() -> list[dict[str, Any]]:
         )
         for name in sorted(topics)
     ]
-    for name in MODULES:
-        try:
-            module = importlib.import_module(name)
-        except Exception:  # an optional C extension missing on this build: skip it
-            continue
-        text = _module_text(module)
-        if text:
-            rows.append(_row(text=text, url=f"https://docs.python.org/{version}/library/{name}.html", file_path=_source_path(module)))
+    with warnings.catch_warnings():  # reading docs of deprecated names (typing.io, …) must not warn
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for name in MODULES:
+            try:
+                module = importlib.import_module(name)
+            except Exception:  # an optional C extension missing on this build: skip it
+                continue
+            text = _module_text(module)
+            if text:
+                rows.append(_row(text=text, url=f"https://docs.python.org/{version}/library/{name}.html", file_path=_source_path(module)))
     return rows
 
 
