@@ -24,7 +24,7 @@ demo: venv  ## run the whole pipeline offline on configs/demo.yaml
 	$(PY) -m flows.fineweb_pretrain --config configs/demo.yaml
 
 test: venv browser  ## run the test suite (starts and stops its own Prefect server and worker)
-	$(PY) -m pytest
+	$(PY) -m pytest tests --ignore=tests/benchmarks
 
 browser:  ## install Debian's chromium for the UI test, where apt-get is available
 	@command -v chromium >/dev/null 2>&1 || { \
@@ -43,7 +43,7 @@ ui: venv  ## print the Prefect UI URL
 	@$(PY) -m flows.stack ui
 
 bench: venv  ## run the pytest-benchmark suites, results under .benchmarks/
-	$(PY) -m pytest tests/benchmarks --benchmark-only --benchmark-autosave --benchmark-columns=min,mean,max,rounds -p no:randomly
+	$(PY) -m pytest tests/benchmarks --benchmark-only --benchmark-autosave --benchmark-columns=min,mean,max,rounds
 
 clean:  ## remove artifacts and caches (keeps .venv)
 	rm -rf artifacts .pytest_cache .benchmarks
