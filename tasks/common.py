@@ -59,18 +59,24 @@ def human_bytes(count: float) -> str:
 
 
 class ProgressArtifact:
-    """A Prefect progress artifact, updated at most once per whole percent."""
+    """A Prefect progress artifact, updated at most once per whole percent, echoed to the log every 10%."""
 
-    def __init__(self, description: str):
+    def __init__(self, description: str, unit: str = ""):
         from prefect.artifacts import create_progress_artifact
 
         self._id = create_progress_artifact(progress=0.0, description=description)
+        self._description = description
+        self._unit = unit
         self._last = 0
 
     def update(self, done: float, total: float) -> None:
         from prefect.artifacts import update_progress_artifact
 
-        percent = int(100 * done / total) if total else 100
-        if percent > self._last:
-            self._last = percent
-            update_progress_artifact(artifact_id=self._id, progress=float(min(percent, 100)))
+        percent = min(int(100 * done / total) if total else 100, 100)
+        if percent <= self._last:
+            return
+        if percent // 10 > self._last // 10:
+            amount = f" ({human_bytes(done)} of {human_bytes(total)})" if self._unit == "bytes" else ""
+            print(f"{self._description}: {percent}%{amount}")
+        self._last = percent
+        update_progress_artifact(artifact_id=self._id, progress=float(percent))

@@ -39,7 +39,7 @@ def download(store: ArtifactStore, version: str, urls: list[str], fingerprints: 
              data: DataConfig, ui_name: str) -> dict[str, Any]:
     """Copy every source into `<root>/download/<version>/data/`; partial files survive a crash."""
     incoming = store.root / STAGE / f".incoming-{version}"  # stable, so a retry resumes the bytes it has
-    progress = ProgressArtifact(f"download of {len(urls)} file(s)")
+    progress = ProgressArtifact(f"download of {len(urls)} file(s)", unit="bytes" if data.max_rows is None else "rows")
 
     def build(folder: Path) -> dict[str, Any]:
         files = download_sources(urls, incoming, max_rows=data.max_rows, progress=progress.update)
