@@ -12,10 +12,9 @@ from configs.schema import EvalConfig, SampleConfig
 from gpt.data import ShardDataset
 from gpt.evaluate import EvalError, evaluate, render_example, utf8_bytes_per_token
 from gpt.sample import sample
+from gpt.tokenizer import gpt2_encoding
 from gpt.train import train
 from tests.gpt_fixtures import tiny_config, write_tiny_shards
-
-gpt2_encoding = pytest.importorskip("gpt.tokenizer").gpt2_encoding
 
 HELLASWAG_VAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "hellaswag" / "hellaswag_val.jsonl"
 torch.set_num_threads(1)

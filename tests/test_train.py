@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from configs import describe
 from gpt.checkpoint import latest_checkpoint, load_checkpoint
 from gpt.data import DataError
 from gpt.schedule import Schedule
-from gpt.train import TrainError, TrainingDiverged, train
+from gpt.train import TrainError, TrainingDiverged, reuse_freed_memory, train
 from tests.gpt_fixtures import tiny_config, with_model, write_tiny_shards, write_yaml
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -187,3 +188,39 @@ def test_ddp_two_processes_match_one(shards, tmp_path):
         got = [e[key] for e in ddp if e["event"] == kind]
         assert len(got) == len(expected) > 0
         assert all(math.isclose(g, x, rel_tol=1e-5) for g, x in zip(got, expected)), (kind, got, expected)
+
+
+def test_train_task_launches_torchrun_and_returns_the_in_process_summary(shards, tmp_path, monkeypatch):
+    """tasks.train with train.nproc_per_node=2: two gloo processes, the same summary as gpt.train.train."""
+    from tasks.train import _train_with_torchrun  # imports Prefect, which the other tests here do not need
+
+    monkeypatch.chdir(PROJECT_ROOT)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    config = tiny_config(max_iters=4, nproc_per_node=2, eval_interval=2, checkpoint_interval=2, log_interval=2)
+    in_process = train(config, shards, tmp_path / "single")
+    launched = _train_with_torchrun(config, shards, tmp_path / "ddp")
+
+    assert launched.keys() == in_process.keys()
+    assert launched["run_dir"] == str(tmp_path / "ddp")
+    assert launched["latest_checkpoint"] == str(tmp_path / "ddp" / "checkpoints" / "step_000004")
+    for key in ("iterations", "start_iter", "resumed", "tokens_trained", "params", "already_complete"):
+        assert launched[key] == in_process[key], key
+    assert launched["val_loss"] == pytest.approx(in_process["val_loss"], rel=1e-5)
+    assert [e["world_size"] for e in read_metrics(tmp_path / "ddp") if e["event"] == "start"] == [2]
+
+
+def _page_faults_of_a_200mb_tensor() -> int:
+    torch.ones(50_000_000).sum()  # allocated and freed once, so a reusing allocator has the pages
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(50_000_000).sum()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+def test_cpu_training_reuses_freed_memory_instead_of_faulting_it_in_again():
+    outside = _page_faults_of_a_200mb_tensor()
+    if outside < 10_000:
+        pytest.skip(f"this allocator/kernel already reuses big blocks ({outside} page faults); nothing to measure")
+    with reuse_freed_memory():
+        inside = _page_faults_of_a_200mb_tensor()
+    assert inside < outside / 10, (inside, outside)
+    assert _page_faults_of_a_200mb_tensor() > outside / 2  # glibc's defaults are back after training

@@ -1,0 +1,84 @@
+"""Training benchmarks on CPU (`make bench`): tokens/s of one optimizer step of the demo model
+(configs/demo.yaml: 2 layers, n_embd 64, block 128, 8 sequences × 2 micro-batches =
+2,048 tokens/step, 2 threads), stepped with the trainer's own functions on shards of
+random tokens through the real TrainLoader.
+
+Three variants: eager with glibc's default malloc (what the trainer did before it kept
+freed memory, see gpt.train.reuse_freed_memory), eager as the trainer runs now, and
+torch.compile'd as the trainer runs with train.compile=true. Compilation happens in
+untimed warm-up steps, so the rounds measure steady-state steps only; the compile time
+is reported in extra_info next to the tokens/s.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import pytest
+import torch
+
+from configs.schema import load_config
+from gpt.data import ShardDataset, TrainLoader
+from gpt.train import build_model, optimizer_step, reuse_freed_memory, setup_runtime, train_step
+from storage.shards import write_shard
+
+ROUNDS = 8
+VARIANTS = {  # name: (torch.compile, keep freed memory)
+    "eager-default-malloc": (False, False),
+    "eager": (False, True),
+    "compiled": (True, True),
+}
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("train-bench-shards")
+    rng = np.random.default_rng(0)
+    write_shard(folder / "train_000000.bin", rng.integers(0, 50257, 200_000))
+    write_shard(folder / "val_000000.bin", rng.integers(0, 50257, 10_000))
+    return folder
+
+
+@pytest.fixture
+def restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_demo_train_step(benchmark, shards, restore_threads, variant):
+    compiled, keep_memory = VARIANTS[variant]
+    config = load_config("demo", {"train.device": "cpu", "train.compile": compiled})
+    tc = config.train
+    runtime = setup_runtime(tc.device, tc.dtype, tc.num_threads)
+    with reuse_freed_memory() if keep_memory else nullcontext():
+        model, optimizer, scaler = build_model(config, runtime)
+        train_model = torch.compile(model) if compiled else model
+        loader = TrainLoader(ShardDataset(shards, "train", config.model.block_size), tc.batch_size, tc.seed)
+
+        def step() -> None:
+            train_step(train_model, loader, tc.grad_accum_steps, runtime, scaler, optimizer, tc.grad_clip)
+            optimizer_step(optimizer, scaler)
+
+        started = time.perf_counter()
+        step()  # compilation (when compiled) and first-touch allocations, not measured
+        first_step_s = time.perf_counter() - started
+        step()
+        benchmark.pedantic(step, rounds=ROUNDS, iterations=1)
+    if compiled:
+        torch._dynamo.reset()
+
+    tokens_per_step = config.tokens_per_iter()
+    benchmark.extra_info.update(
+        {
+            "variant": variant,
+            "tokens_per_step": tokens_per_step,
+            "threads": torch.get_num_threads(),
+            "tokens_per_s_mean": round(tokens_per_step / benchmark.stats.stats.mean),
+            "tokens_per_s_best": round(tokens_per_step / benchmark.stats.stats.min),
+            "first_step_s": round(first_step_s, 2),  # includes torch.compile when compiled
+        }
+    )
