@@ -12,6 +12,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from configs import DataConfig, TokenizeConfig
 from gpt.tokenizer import tokenize_parquet
 from storage.artifacts import ArtifactStore, code_version, stable_hash
+from storage.profile import histogram_svg
+from tasks.charts import markdown_image
 from tasks.common import ProgressArtifact, markdown_table, ui_key, version_cache_key
 from tasks.download import parquet_files
 
@@ -44,10 +46,14 @@ def tokenize(store: ArtifactStore, version: str, download_ref: dict[str, Any], d
     shards = [{k: shard.get(k) for k in ("name", "split", "tokens", "documents")} for shard in report["shards"]]
     totals = {k: v for k, v in report.items() if isinstance(v, (int, float, str))}
     create_table_artifact(key=ui_key(ui_name, "tokenize-shards"), table=shards, description="llm.c token shards")
+    lengths = report["doc_tokens"]
+    length_rows = [{k: lengths[k] for k in ("p1", "p50", "p99", "max", "mean")}]
+    histogram = markdown_image(histogram_svg(lengths["histogram"], title="tokens per document"), "tokens per document")
     create_markdown_artifact(
         key=ui_key(ui_name, "tokenize-manifest"),
-        markdown=f"# Tokenized `{version}`\n\n{markdown_table([totals])}\n\n## Shards\n\n{markdown_table(shards)}\n",
-        description="GPT-2 tokenization summary",
+        markdown=f"# Tokenized `{version}`\n\n{markdown_table([totals])}\n\n## Shards\n\n{markdown_table(shards)}\n\n"
+        f"## Tokens per document\n\n{markdown_table(length_rows)}\n\n{histogram}\n",
+        description="GPT-2 tokenization summary: throughput, shards, per-document token lengths",
     )
     print(f"tokenize {version}: " + ", ".join(f"{s['name']} {s['tokens']:,} tokens" for s in shards))
     return store.ref(STAGE, version).to_dict()
