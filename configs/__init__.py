@@ -6,6 +6,7 @@ from configs.schema import (
     EvalConfig,
     ModelConfig,
     PipelineConfig,
+    PipelineOverrides,
     ProfileConfig,
     SampleConfig,
     StorageConfig,
@@ -13,6 +14,7 @@ from configs.schema import (
     TrainConfig,
     describe,
     load_config,
+    nest_overrides,
     parse_overrides,
 )
 
@@ -22,6 +24,7 @@ __all__ = [
     "EvalConfig",
     "ModelConfig",
     "PipelineConfig",
+    "PipelineOverrides",
     "ProfileConfig",
     "SampleConfig",
     "StorageConfig",
@@ -29,5 +32,6 @@ __all__ = [
     "TrainConfig",
     "describe",
     "load_config",
+    "nest_overrides",
     "parse_overrides",
 ]

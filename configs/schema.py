@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic.fields import FieldInfo
 
 PRESETS_DIR = Path(__file__).resolve().parent
 STORAGE_ROOT_ENV = "FWP_STORAGE_ROOT"
@@ -191,6 +192,49 @@ class PipelineConfig(Section):
         return self
 
 
+def _overrides_of(section: type[Section]) -> type[BaseModel]:
+    """The same section with every field optional: None keeps the preset's value.
+
+    Each field keeps its type and bounds, so Prefect validates deployment parameters
+    against them and names the field when a value is bad.
+    """
+    fields = {
+        name: (info.annotation | None, FieldInfo.merge_field_infos(info, default=None))
+        for name, info in section.model_fields.items()
+    }
+    return create_model(f"{section.__name__}Overrides", __config__=ConfigDict(extra="forbid"), **fields)
+
+
+PipelineOverrides = create_model(
+    "PipelineOverrides",
+    __config__=ConfigDict(extra="forbid"),
+    __doc__="Per-section config overrides, e.g. {'train': {'max_iters': 20000}}.",
+    **{
+        name: (_overrides_of(info.annotation) | None, None)
+        for name, info in PipelineConfig.model_fields.items()
+        if isinstance(info.annotation, type) and issubclass(info.annotation, Section)
+    },
+)
+
+
+def nest_overrides(flat: dict[str, Any]) -> dict[str, Any]:
+    """`{"train.max_iters": 5}` → `{"train": {"max_iters": 5}}` (the shape of PipelineOverrides)."""
+    tree: dict[str, Any] = {}
+    for key, value in flat.items():
+        _set_dotted(tree, key, value)
+    return tree
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def resolve_config_path(config: str | os.PathLike) -> Path:
     """A path, or a preset name such as `demo` that names configs/demo.yaml."""
     path = Path(config)
@@ -203,12 +247,15 @@ def resolve_config_path(config: str | os.PathLike) -> Path:
     raise ConfigError(f"config file {config!s} not found; pass a YAML path or one of the presets: {known}")
 
 
-def parse_overrides(overrides: list[str] | dict[str, Any] | None) -> dict[str, Any]:
-    """`["train.max_iters=100", ...]` or `{"train.max_iters": 100}` → a flat dict of dotted keys."""
+def parse_overrides(overrides: list[str] | dict[str, Any] | BaseModel | None) -> dict[str, Any]:
+    """`["train.max_iters=100", ...]`, `{"train.max_iters": 100}` or `{"train": {"max_iters": 100}}`
+    → a flat dict of dotted keys."""
     if not overrides:
         return {}
+    if isinstance(overrides, BaseModel):
+        overrides = overrides.model_dump(exclude_none=True)
     if isinstance(overrides, dict):
-        return dict(overrides)
+        return _flatten(overrides)
     parsed: dict[str, Any] = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -245,7 +292,7 @@ def _one_line(error: ValidationError, origin: str) -> str:
 
 
 def load_config(
-    config: str | os.PathLike = "demo", overrides: list[str] | dict[str, Any] | None = None
+    config: str | os.PathLike = "demo", overrides: list[str] | dict[str, Any] | BaseModel | None = None
 ) -> PipelineConfig:
     """Read a preset or YAML file, apply FWP_STORAGE_ROOT then dotted overrides, validate."""
     path = resolve_config_path(config)

@@ -17,7 +17,7 @@ from typing import Any, Literal
 from prefect import flow
 from prefect.runtime import flow_run
 
-from configs import PipelineConfig, describe, load_config, parse_overrides
+from configs import PipelineConfig, PipelineOverrides, describe, load_config, nest_overrides, parse_overrides
 from storage.artifacts import ArtifactStore
 from tasks.common import run_cached_stage
 from tasks.download import download, plan_download
@@ -41,13 +41,14 @@ def _run_name() -> str:
 
 
 @flow(name="fineweb-pretrain", flow_run_name=_run_name, log_prints=True)
-def fineweb_pretrain(config: str = "demo", overrides: dict[str, Any] | None = None, until: Stage | None = None,
+def fineweb_pretrain(config: str = "demo", overrides: PipelineOverrides | None = None, until: Stage | None = None,
                      continue_run: bool = False) -> dict[str, Any]:
     """Run the pipeline for a preset name or YAML path, with dotted-key overrides.
 
     Args:
         config: a preset name (`demo`, `fineweb-40m`, `gpt2-124m`) or a YAML path.
-        overrides: dotted keys to override, e.g. `{"train.max_iters": 20000}`.
+        overrides: config values to change, by section, e.g. `{"train": {"max_iters": 20000}}`;
+            each is typed and bounded like the config itself.
         until: stop after this stage.
         continue_run: only continue an existing run from its last checkpoint: fail when it
             has none, do nothing when it is already at `train.max_iters`.
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--until", choices=STAGES, help="stop after this stage")
     args = parser.parse_args(argv)
     try:
-        overrides = parse_overrides(args.overrides)
+        overrides = nest_overrides(parse_overrides(args.overrides))
         load_config(args.config, overrides)  # fail fast on a bad config, before Prefect starts
         summary = fineweb_pretrain(config=args.config, overrides=overrides, until=args.until)
     except Exception as exc:  # every stage raises one-line errors; show just that line

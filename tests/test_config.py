@@ -67,3 +67,20 @@ def test_unknown_preset_lists_the_known_ones():
 def test_override_without_equals_is_rejected():
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         load_config("demo", ["train.max_iters"])
+
+
+def test_nested_overrides_as_deployments_pass_them():
+    config = load_config("demo", {"train": {"max_iters": 9}, "data": {"source": ["x.parquet"]}})
+    assert config.train.max_iters == 9 and config.data.sources == ["x.parquet"]
+
+
+def test_flow_override_model_keeps_each_fields_type_and_bounds():
+    from pydantic import ValidationError
+
+    from configs import PipelineOverrides
+
+    assert load_config("demo", PipelineOverrides.model_validate({"model": {"n_layer": 3}})).model.n_layer == 3
+    with pytest.raises(ValidationError, match="train.max_iters"):
+        PipelineOverrides.model_validate({"train": {"max_iters": 0}})
+    with pytest.raises(ValidationError, match="n_layers"):
+        PipelineOverrides.model_validate({"model": {"n_layers": 3}})

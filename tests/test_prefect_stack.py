@@ -69,16 +69,21 @@ def test_every_preset_is_deployed_on_the_process_pool(stack):
     assert {"demo", "fineweb-40m", "gpt2-124m", "continue-to-20k"} <= set(names)
     assert all(d["work_pool_name"] == WORK_POOL for d in names.values())
     continuation = names["continue-to-20k"]
-    assert continuation["parameters"]["overrides"] == {"train.max_iters": 20000}
+    assert continuation["parameters"]["overrides"] == {"train": {"max_iters": 20000}}
     schedules = continuation["schedules"]
     assert len(schedules) == 1 and schedules[0]["active"] is False
 
 
-def test_bad_parameter_is_rejected_by_prefect_naming_the_field(stack):
+@pytest.mark.parametrize(("parameter", "field"), [
+    ("until=nowhere", "until"),
+    ('overrides={"train": {"max_iters": 0}}', "max_iters"),
+    ('overrides={"model": {"n_layers": 4}}', "n_layers"),
+])
+def test_bad_parameter_is_rejected_by_prefect_naming_the_field(stack, parameter, field):
     stack, _ = stack
-    result = prefect_cli(stack, "deployment", "run", "fineweb-pretrain/demo", "--param", "until=nowhere")
-    assert result.returncode != 0
-    assert "until" in (result.stdout + result.stderr)
+    result = prefect_cli(stack, "deployment", "run", "fineweb-pretrain/demo", "--param", parameter)
+    assert result.returncode != 0 and "Created flow run" not in result.stdout
+    assert field in (result.stdout + result.stderr)
 
 
 def test_deployment_run_then_continuation_resumes_from_the_last_checkpoint(stack, demo_run):
@@ -89,7 +94,7 @@ def test_deployment_run_then_continuation_resumes_from_the_last_checkpoint(stack
     checkpoints = sorted((root / "runs" / "demo" / "checkpoints").glob("step_*"))
     assert checkpoints[-1].name == "step_000120"
 
-    continued = run_deployment(stack, "fineweb-pretrain/demo", "--param", 'overrides={"train.max_iters": 160}',
+    continued = run_deployment(stack, "fineweb-pretrain/demo", "--param", 'overrides={"train": {"max_iters": 160}}',
                                "--param", "continue_run=true")
     assert continued["state"]["type"] == "COMPLETED", continued["log_text"][-3000:]
     log = continued["log_text"]
@@ -102,7 +107,7 @@ def test_deployment_run_then_continuation_resumes_from_the_last_checkpoint(stack
     train_iters = [m["iter"] for m in metrics if m["event"] == "train"]
     assert train_iters == sorted(train_iters), "the continuation restarted instead of resuming"
 
-    again = run_deployment(stack, "fineweb-pretrain/demo", "--param", 'overrides={"train.max_iters": 160}',
+    again = run_deployment(stack, "fineweb-pretrain/demo", "--param", 'overrides={"train": {"max_iters": 160}}',
                            "--param", "continue_run=true")
     assert again["state"]["type"] == "COMPLETED"
     assert "already at iteration 160" in again["log_text"]
