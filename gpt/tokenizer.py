@@ -4,26 +4,33 @@ The encoding is assembled from the `vocab.bpe` and `encoder.json` that the gpt3-
 package ships (byte-identical to OpenAI's, checked by sha256), so no network is needed
 and no warm tiktoken cache can hide an offline failure.
 
-`tokenize_parquet` streams parquet record batches, tokenizes them in worker processes,
-puts `<|endoftext|>` before every document, sends each whole document to train or val by
-a seeded hash of its (file, row) position, and fills llm.c shards of at most
-`shard_tokens` tokens (a document may continue into the next shard of the same split,
-as in llm.c). The shards are byte-identical whatever the number of workers.
+`tokenize_parquet` streams parquet record batches, tokenizes them in `num_workers` processes
+(this one and helpers running `gpt/tokenize_worker.py`), puts `<|endoftext|>` before every
+document, sends each whole document to train or val by a seeded hash of its (file, row)
+position, and fills llm.c shards of at most `shard_tokens` tokens (a document may continue
+into the next shard of the same split, as in llm.c). The shards are byte-identical whatever
+the number of workers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.resources
-import multiprocessing
 import os
+import pickle
+import queue
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
-from itertools import chain
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +41,7 @@ import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 from tiktoken_ext.openai_public import r50k_pat_str
 
+from gpt import tokenize_worker
 from storage.shards import write_shard
 
 if TYPE_CHECKING:  # only the type: the tokenizer reads the config's fields and imports no config code
@@ -42,7 +50,8 @@ if TYPE_CHECKING:  # only the type: the tokenizer reads the config's fields and 
 EOT = 50256  # <|endoftext|>, written before every document
 N_VOCAB = 50257
 TOKEN_COUNT_COLUMN = "token_count"  # FineWeb's GPT-2 count per document (no EOT)
-BATCH_ROWS = 1024  # documents per job sent to a worker
+BATCH_ROWS = 256  # documents per job (~0.4 M tokens of FineWeb, ~0.1 s): big enough to amortise a pipe round trip, small enough to balance the last jobs
+JOBS_IN_FLIGHT_PER_WORKER = 4  # bounds memory; enough that a slow job at the head does not idle the others
 
 # The sha256 tiktoken expects for OpenAI's published GPT-2 files (tiktoken_ext.openai_public).
 GPT2_FILE_SHA256 = {
@@ -78,21 +87,27 @@ def _gpt2_data_file(name: str) -> str:
 
 
 @functools.cache
-def gpt2_encoding() -> tiktoken.Encoding:
-    """tiktoken's "gpt2" encoding built from local files (once per process)."""
+def _gpt2_encoding_arguments() -> dict[str, Any]:
+    """tiktoken.Encoding's keyword arguments for GPT-2, from the local files (read once per process)."""
     ranks = data_gym_to_mergeable_bpe_ranks(
         vocab_bpe_file=_gpt2_data_file("vocab.bpe"),
         encoder_json_file=_gpt2_data_file("encoder.json"),
         vocab_bpe_hash=GPT2_FILE_SHA256["vocab.bpe"],
         encoder_json_hash=GPT2_FILE_SHA256["encoder.json"],
     )
-    return tiktoken.Encoding(
-        name="gpt2",
-        pat_str=r50k_pat_str,
-        mergeable_ranks=ranks,
-        special_tokens={"<|endoftext|>": EOT},
-        explicit_n_vocab=N_VOCAB,
-    )
+    return {
+        "name": "gpt2",
+        "pat_str": r50k_pat_str,
+        "mergeable_ranks": ranks,
+        "special_tokens": {"<|endoftext|>": EOT},
+        "explicit_n_vocab": N_VOCAB,
+    }
+
+
+@functools.cache
+def gpt2_encoding() -> tiktoken.Encoding:
+    """tiktoken's "gpt2" encoding built from local files (once per process)."""
+    return tiktoken.Encoding(**_gpt2_encoding_arguments())
 
 
 # ---------------------------------------------------------------------------------------
@@ -110,23 +125,23 @@ def is_val_document(seed: int, file_index: int, row_index: int, val_fraction: fl
 
 @dataclass
 class _Job:
-    """A batch of consecutive rows of one file, sent to a worker."""
+    """A batch of consecutive rows of one file: the raw UTF-8 bytes of its non-empty texts."""
 
     file_index: int
-    first_row: int
-    texts: pa.Array  # binary view of the text column (raw UTF-8, possibly invalid)
-    token_counts: pa.Array | None
-    seed: int
-    val_fraction: float
-    num_threads: int
+    rows: np.ndarray  # row index in the file of each non-empty text
+    starts: np.ndarray  # int64 byte spans of those texts in data
+    ends: np.ndarray
+    data: Any  # the batch's text bytes (an Arrow buffer, not copied), possibly invalid UTF-8
+    skipped_empty: int  # null or empty rows
+    token_counts: np.ndarray | None  # FineWeb's count for each non-empty text, -1 where null
 
 
 @dataclass
 class _Tokenized:
-    """A worker's answer: the kept documents of one batch, EOT-prefixed and concatenated."""
+    """An encoder's answer: the documents of one batch, EOT-prefixed and concatenated."""
 
     file_index: int
-    rows: np.ndarray  # row index in the file of each kept document
+    rows: np.ndarray  # row index in the file of each document
     lengths: np.ndarray  # tokens per document, without EOT
     is_val: np.ndarray
     text_bytes: np.ndarray  # UTF-8 bytes per document (after repair)
@@ -136,63 +151,112 @@ class _Tokenized:
     token_count_mismatches: int
 
 
-_worker_encoding: tiktoken.Encoding | None = None
-
-
-def _init_worker(encoding: tiktoken.Encoding) -> None:
-    """Give a worker process the parent's encoding (pickled as its merge ranks), which is
-    about a second faster than reading and checking the vocabulary files again."""
-    global _worker_encoding
-    _worker_encoding = encoding
-
-
-def _tokenize_job(job: _Job) -> _Tokenized:
-    """Decode, tokenize and split one batch (runs in a worker process, or inline)."""
-    texts, rows, text_bytes, skipped, invalid = [], [], [], 0, 0
-    for offset, raw in enumerate(job.texts.to_pylist()):
-        if not raw:  # null or empty
-            skipped += 1
-            continue
-        try:
-            text = raw.decode("utf-8")
-            size = len(raw)
-        except UnicodeDecodeError:  # e.g. lone UTF-16 surrogates written as bytes
-            text = raw.decode("utf-8", errors="replace")
-            size = len(text.encode("utf-8"))
-            invalid += 1
-        texts.append(text)
-        rows.append(job.first_row + offset)
-        text_bytes.append(size)
-
-    enc = _worker_encoding or gpt2_encoding()
-    if job.num_threads > 1:  # tiktoken releases the GIL, so threads share the spare cores
-        encoded = enc.encode_ordinary_batch(texts, num_threads=job.num_threads)
-    else:  # one thread: a plain loop, as the batch call's thread handoffs cost ~40% (see BENCHMARKS.md)
-        encoded = [enc.encode_ordinary(text) for text in texts]
-    lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
-    tokens = np.fromiter(
-        chain.from_iterable(chain((EOT,), doc) for doc in encoded),
-        dtype=np.uint16,
-        count=int(lengths.sum()) + len(encoded),
-    )
+def _finish(job: _Job, lengths: np.ndarray, sizes: np.ndarray, invalid: np.ndarray, tokens: np.ndarray, seed: int, val_fraction: float) -> _Tokenized:
+    """An encoded batch, with its split and its counts checked against FineWeb's."""
+    lengths = lengths.astype(np.int64)
     mismatches = 0
     if job.token_counts is not None:  # FineWeb's own GPT-2 counts: ours must agree
-        kept = np.asarray(rows, dtype=np.int64) - job.first_row
-        known = job.token_counts.is_valid().to_numpy(zero_copy_only=False)[kept]
-        expected = job.token_counts.fill_null(0).to_numpy(zero_copy_only=False)[kept]
-        mismatches = int(np.count_nonzero(known & (expected != lengths)))
-    is_val = np.array([is_val_document(job.seed, job.file_index, row, job.val_fraction) for row in rows], dtype=bool)
+        mismatches = int(np.count_nonzero((job.token_counts >= 0) & (job.token_counts != lengths)))
+    is_val = np.fromiter((is_val_document(seed, job.file_index, row, val_fraction) for row in job.rows.tolist()), dtype=bool, count=len(job.rows))
     return _Tokenized(
         file_index=job.file_index,
-        rows=np.asarray(rows, dtype=np.int64),
+        rows=job.rows,
         lengths=lengths,
         is_val=is_val,
-        text_bytes=np.asarray(text_bytes, dtype=np.int64),
-        tokens=tokens,
-        skipped_empty=skipped,
-        invalid_utf8=invalid,
+        text_bytes=sizes.astype(np.int64),
+        tokens=tokens.astype(np.uint16),  # ids < 50257
+        skipped_empty=job.skipped_empty,
+        invalid_utf8=int(np.count_nonzero(invalid)),
         token_count_mismatches=mismatches,
     )
+
+
+class _InProcessEncoder:
+    """Encodes batches in this process, on the one thread that calls it. Its encoding is its
+    own: tiktoken's regex runs ~1.5× slower on any thread but the first to use an encoding,
+    and the shared gpt2_encoding() may have been used first by the caller's thread."""
+
+    def __init__(self) -> None:
+        self.encode: Callable[[str], Any] | None = None
+
+    def __call__(self, job: _Job) -> tuple[np.ndarray, ...]:
+        if self.encode is None:  # built on the thread that will use it
+            self.encode = tokenize_worker.buffer_encoder(tokenize_worker.new_encoding(_gpt2_encoding_arguments()))
+        lengths, sizes, invalid, tokens = tokenize_worker.encode_texts(self.encode, memoryview(job.data), job.starts.tolist(), job.ends.tolist())
+        return np.frombuffer(lengths, np.uint32), np.frombuffer(sizes, np.int64), np.frombuffer(invalid, np.uint8), np.frombuffer(tokens, np.uint32)
+
+    def close(self, kill: bool = False) -> None:
+        pass
+
+
+class _HelperProcess:
+    """Encodes batches in a helper process (gpt/tokenize_worker.py) fed over its stdin and
+    stdout, one batch at a time. A fresh interpreter importing only tiktoken starts in
+    ~0.1 s and runs nothing of the caller's (a fork would copy a caller's threads mid-flight;
+    multiprocessing's spawn would import the caller's __main__, e.g. Prefect's engine)."""
+
+    _HEADER = struct.Struct("=QQ")
+
+    def __init__(self) -> None:
+        self.errors = tempfile.TemporaryFile()  # a file, not a pipe: a chatty helper cannot block
+        self.process = subprocess.Popen(
+            [sys.executable, "-P", tokenize_worker.__file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.errors
+        )
+        self.started = False
+
+    def __call__(self, job: _Job) -> tuple[np.ndarray, ...]:
+        stdin = self.process.stdin
+        try:
+            if not self.started:  # the encoding's arguments once (~0.6 MB pickled), sent on the encoder's thread
+                arguments = pickle.dumps(_gpt2_encoding_arguments(), protocol=pickle.HIGHEST_PROTOCOL)
+                stdin.write(struct.pack("=Q", len(arguments)) + arguments)
+                self.started = True
+            count = len(job.rows)
+            stdin.write(self._HEADER.pack(count, len(job.data)))
+            stdin.write(job.starts.astype(np.int64).tobytes() + job.ends.astype(np.int64).tobytes())
+            stdin.write(job.data)
+            stdin.flush()
+            answer_count, tokens = self._HEADER.unpack(self._read(self._HEADER.size))
+            if answer_count != count:
+                raise TokenizeError(f"tokenizer worker process {self.process.pid} answered {answer_count} texts for {count}")
+            lengths = np.frombuffer(self._read(4 * count), np.uint32)
+            sizes = np.frombuffer(self._read(8 * count), np.int64)
+            invalid = np.frombuffer(self._read(count), np.uint8)
+            return lengths, sizes, invalid, np.frombuffer(self._read(4 * tokens), np.uint32)
+        except (BrokenPipeError, EOFError):
+            raise TokenizeError(self._failure()) from None
+
+    def _read(self, size: int) -> bytes:
+        data = self.process.stdout.read(size)
+        if len(data) != size:
+            raise EOFError
+        return data
+
+    def _failure(self) -> str:
+        code = self.process.wait()
+        self.errors.seek(0)
+        lines = self.errors.read().decode(errors="replace").strip().splitlines()
+        return f"tokenizer worker process {self.process.pid} exited with code {code}" + (f": {lines[-1]}" if lines else "")
+
+    def close(self, kill: bool = False) -> None:
+        if kill:
+            self.process.kill()
+        with contextlib.suppress(OSError):
+            self.process.stdin.close()  # end of input: the helper exits
+        self.process.wait()
+        self.process.stdout.close()
+        self.errors.close()
+
+
+def _serve(encoder: Callable[[_Job], tuple[np.ndarray, ...]], jobs: queue.SimpleQueue, seed: int, val_fraction: float) -> None:
+    """An encoder's thread: take the next job (whoever is free takes it), answer its future."""
+    while (item := jobs.get()) is not None:
+        job, future = item
+        if future.set_running_or_notify_cancel():
+            try:
+                future.set_result(_finish(job, *encoder(job), seed, val_fraction))
+            except BaseException as error:  # handed to the thread that waits on the future
+                future.set_exception(error)
 
 
 class _ShardWriter:
@@ -273,9 +337,29 @@ def _has_token_counts(schema: pa.Schema) -> bool:
     return TOKEN_COUNT_COLUMN in schema.names and pa.types.is_integer(schema.field(TOKEN_COUNT_COLUMN).type)
 
 
-def _jobs(
-    files: list[Path], schemas: list[pa.Schema], text_column: str, max_rows: int | None, config: TokenizeConfig, num_threads: int
-) -> Iterator[_Job]:
+def _job(file_index: int, first_row: int, texts: pa.Array, token_counts: pa.Array | None) -> _Job:
+    """A job from a batch's text column: byte spans into its data buffer, nothing copied."""
+    texts = _text_as_binary(texts)
+    _, offsets_buffer, data = texts.buffers()
+    offset_type = np.int64 if pa.types.is_large_binary(texts.type) else np.int32
+    offsets = np.frombuffer(offsets_buffer, offset_type)[texts.offset : texts.offset + len(texts) + 1].astype(np.int64)
+    keep = np.diff(offsets) > 0
+    if texts.null_count:
+        keep &= texts.is_valid().to_numpy(zero_copy_only=False)
+    kept = np.flatnonzero(keep)
+    base = int(offsets[0])
+    return _Job(
+        file_index=file_index,
+        rows=first_row + kept,
+        starts=offsets[kept] - base,
+        ends=offsets[kept + 1] - base,
+        data=data.slice(base, int(offsets[-1]) - base) if data is not None else b"",
+        skipped_empty=len(texts) - len(kept),
+        token_counts=None if token_counts is None else token_counts.fill_null(-1).to_numpy(zero_copy_only=False)[kept],
+    )
+
+
+def _jobs(files: list[Path], schemas: list[pa.Schema], text_column: str, max_rows: int | None) -> Iterator[_Job]:
     """Consecutive batches of rows over all files, stopping after max_rows rows. One file is
     open at a time and closed when done, so Arrow frees its read buffers."""
     remaining = max_rows
@@ -289,38 +373,57 @@ def _jobs(
                         return
                     batch = batch.slice(0, remaining)
                     remaining -= batch.num_rows
-                yield _Job(
-                    file_index=file_index,
-                    first_row=first_row,
-                    texts=_text_as_binary(batch.column(0)),
-                    token_counts=batch.column(1) if len(columns) == 2 else None,
-                    seed=config.seed,
-                    val_fraction=config.val_fraction,
-                    num_threads=num_threads,
-                )
+                yield _job(file_index, first_row, batch.column(0), batch.column(1) if len(columns) == 2 else None)
                 first_row += batch.num_rows
 
 
-def _tokenized_in_order(jobs: Iterator[_Job], num_workers: int) -> Iterator[_Tokenized]:
-    """Run jobs inline (one worker) or in a spawned process pool, yielding results in job
-    order; at most two jobs per worker are in flight, so memory stays bounded."""
+def _tokenized_in_order(jobs: Iterator[_Job], num_workers: int, seed: int, val_fraction: float) -> Iterator[_Tokenized]:
+    """Encode jobs in num_workers processes, yielding results in job order.
+
+    One worker is this process: it encodes on a thread of its own while the calling thread
+    reads parquet and writes shards. The others are helper processes, each driven by a thread
+    here. Whichever encoder is free takes the next job, and at most JOBS_IN_FLIGHT_PER_WORKER
+    jobs per worker are in flight, so memory does not grow with the input."""
     if num_workers == 1:
-        yield from map(_tokenize_job, jobs)
+        encoder = _InProcessEncoder()
+        for job in jobs:
+            yield _finish(job, *encoder(job), seed, val_fraction)
         return
-    # spawn, not fork: the caller may hold threads (tiktoken's, Prefect's) that fork would copy mid-flight
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(num_workers, mp_context=context, initializer=_init_worker, initargs=(gpt2_encoding(),)) as pool:
-        in_flight: deque[Future[_Tokenized]] = deque()
-        try:
-            for job in jobs:
-                in_flight.append(pool.submit(_tokenize_job, job))
-                if len(in_flight) >= 2 * num_workers:
-                    yield in_flight.popleft().result()
-            while in_flight:
-                yield in_flight.popleft().result()
-        finally:
-            for future in in_flight:
-                future.cancel()
+    encoders: list[Any] = [_InProcessEncoder()]
+    pending: queue.SimpleQueue = queue.SimpleQueue()
+    window: deque[Future[_Tokenized]] = deque()
+    threads: list[threading.Thread] = []
+    finished = False
+    try:
+        encoders += [_HelperProcess() for _ in range(num_workers - 1)]
+        for i, encoder in enumerate(encoders):
+            threads.append(threading.Thread(target=_serve, args=(encoder, pending, seed, val_fraction), name=f"tokenize-{i}", daemon=True))
+            threads[-1].start()
+        for job in jobs:
+            window.append(Future())
+            pending.put((job, window[-1]))
+            if len(window) >= JOBS_IN_FLIGHT_PER_WORKER * num_workers:
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()
+        finished = True
+    finally:
+        for future in window:
+            future.cancel()
+        for _ in threads:
+            pending.put(None)
+        for encoder in encoders:
+            encoder.close(kill=not finished)  # on error or interrupt, a helper mid-batch is killed
+        for thread in threads:
+            thread.join()
+
+
+def _cpu_count() -> int:
+    """Cores this process may run on (its affinity mask, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _length_summary(lengths: np.ndarray) -> dict[str, Any]:
@@ -360,8 +463,8 @@ def tokenize_parquet(
 
     progress(rows_done, rows_total) is called after each batch. On any error the shards
     written so far are removed, so out_dir never holds a partial result that looks complete.
-    With num_workers > 1 the workers are spawned, so a script must call this under
-    `if __name__ == "__main__":`.
+    config.num_workers processes tokenize (0: one per core): this one and num_workers - 1
+    helpers; the output does not depend on it.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -372,10 +475,9 @@ def tokenize_parquet(
         raise TokenizeError("no parquet files to tokenize; check data.source")
     schemas, rows = zip(*(_read_schema(file, text_column) for file in files))
     rows_total = min(sum(rows), max_rows) if max_rows is not None else sum(rows)
-    num_workers = config.num_workers or os.cpu_count() or 1
-    num_threads = max(1, (os.cpu_count() or 1) // num_workers)  # workers × threads ≈ cores
+    num_workers = config.num_workers or _cpu_count()
 
-    gpt2_encoding()  # fail early (and clearly) if the vocabulary is missing
+    _gpt2_encoding_arguments()  # fail early (and clearly) if the vocabulary is missing
     writers = {split: _ShardWriter(out_dir, split, config.shard_tokens) for split in ("train", "val")}
     documents = {"train": 0, "val": 0}
     text_bytes = {"train": 0, "val": 0}
@@ -383,22 +485,23 @@ def tokenize_parquet(
     rows_done = skipped = invalid = mismatches = 0
     started = time.perf_counter()
     try:
-        jobs = _jobs(files, list(schemas), text_column, max_rows, config, num_threads)
-        for result in _tokenized_in_order(jobs, num_workers):
-            ends = np.cumsum(result.lengths + 1)
-            for i, row in enumerate(result.rows.tolist()):
-                split = "val" if result.is_val[i] else "train"
-                start = ends[i] - result.lengths[i] - 1
-                writers[split].add_document(result.tokens[start : ends[i]], (result.file_index, row))
-                documents[split] += 1
-                text_bytes[split] += int(result.text_bytes[i])
-            lengths.append(result.lengths)
-            skipped += result.skipped_empty
-            invalid += result.invalid_utf8
-            mismatches += result.token_count_mismatches
-            rows_done += len(result.rows) + result.skipped_empty
-            if progress:
-                progress(rows_done, rows_total)
+        jobs = _jobs(files, list(schemas), text_column, max_rows)
+        with contextlib.closing(_tokenized_in_order(jobs, num_workers, config.seed, config.val_fraction)) as results:
+            for result in results:
+                ends = np.cumsum(result.lengths + 1).tolist()
+                starts = [0] + ends[:-1]
+                for row, val, start, end, size in zip(result.rows.tolist(), result.is_val.tolist(), starts, ends, result.text_bytes.tolist()):
+                    split = "val" if val else "train"
+                    writers[split].add_document(result.tokens[start:end], (result.file_index, row))
+                    documents[split] += 1
+                    text_bytes[split] += size
+                lengths.append(result.lengths)
+                skipped += result.skipped_empty
+                invalid += result.invalid_utf8
+                mismatches += result.token_count_mismatches
+                rows_done += len(result.rows) + result.skipped_empty
+                if progress:
+                    progress(rows_done, rows_total)
         for writer in writers.values():
             writer.flush()
         for split, count in documents.items():

@@ -6,6 +6,7 @@ import os
 import random
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from configs.schema import TokenizeConfig
+from gpt import tokenizer
 from gpt.tokenizer import EOT, TokenizeError, gpt2_encoding, is_val_document, tokenize_parquet
 from storage.shards import read_shard
 
@@ -113,19 +115,83 @@ def test_split_is_by_whole_document_and_every_document_starts_with_eot(tmp_path)
     assert lengths["max"] == max(len(d) for d in train + val) and sum(lengths["histogram"]["counts"]) == 400
 
 
-def test_shards_are_byte_identical_for_one_and_two_workers(tmp_path):
-    path = _write(tmp_path / "docs.parquet", _texts(600, seed=3), row_group_size=100)
-    outputs = {}
-    for workers in (1, 2):
+def test_shards_are_byte_identical_for_one_two_and_three_workers(tmp_path, monkeypatch):
+    monkeypatch.setattr(tokenizer, "BATCH_ROWS", 16)  # many more jobs than the in-flight window
+    texts = _texts(600, seed=3)
+    texts[5] = "a document that mentions <|endoftext|> in its text"
+    paths = [_write(tmp_path / "a.parquet", texts[:450], row_group_size=100), _write(tmp_path / "b.parquet", texts[450:], row_group_size=70)]
+    outputs, progress = {}, {}
+    for workers in (1, 2, 3):
         config = TokenizeConfig(val_fraction=0.05, shard_tokens=4096, num_workers=workers)
-        manifest = tokenize_parquet([path], tmp_path / f"w{workers}", config)
+        calls = []
+        manifest = tokenize_parquet(paths, tmp_path / f"w{workers}", config, progress=lambda done, total: calls.append((done, total)))
         outputs[workers] = {p.name: p.read_bytes() for p in sorted((tmp_path / f"w{workers}").iterdir())}
+        progress[workers] = calls
         assert manifest["num_workers"] == workers
-    assert outputs[1] == outputs[2]
+    assert outputs[1] == outputs[2] == outputs[3]
     assert len(outputs[1]) > 2
+    assert progress[1] == progress[3] and progress[1][-1] == (600, 600) and len(progress[1]) > 30
 
 
-def test_null_empty_and_invalid_utf8_rows_are_counted_not_fatal(tmp_path):
+def test_endoftext_inside_a_text_is_ordinary_text(tmp_path):
+    """Only the separator is EOT: a document's literal "<|endoftext|>" is tokenized as
+    encode_ordinary does, never as the special token."""
+    texts = ["before <|endoftext|> after"] * 40
+    path = _write(tmp_path / "eot.parquet", texts)
+    tokenize_parquet([path], tmp_path / "out", TokenizeConfig(val_fraction=0.2, shard_tokens=1024, num_workers=2))
+    docs = _documents(_shards(tmp_path / "out", "train")) + _documents(_shards(tmp_path / "out", "val"))
+    assert docs == [gpt2_encoding().encode_ordinary(texts[0])] * 40
+
+
+def test_parallel_tokenizing_from_a_thread_and_from_a_script_without_main_guard(tmp_path):
+    """Helpers are fresh interpreters running only gpt/tokenize_worker.py: safe from a
+    thread (a Prefect task's), and a script needs no `if __name__ == "__main__"` guard
+    (multiprocessing's spawn would re-run its top level in every worker)."""
+    path = _write(tmp_path / "docs.parquet", _texts(600, seed=5))
+    result = {}
+
+    def run():
+        config = TokenizeConfig(val_fraction=0.1, shard_tokens=2048, num_workers=2)
+        result["manifest"] = tokenize_parquet([path], tmp_path / "from-thread", config)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    assert sum(result["manifest"]["documents"].values()) == 600
+
+    script = tmp_path / "script.py"
+    script.write_text(
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from configs.schema import TokenizeConfig\n"
+        "from gpt.tokenizer import tokenize_parquet\n"
+        "print('top level ran')\n"
+        "config = TokenizeConfig(val_fraction=0.1, shard_tokens=2048, num_workers=3)\n"
+        "manifest = tokenize_parquet([Path(sys.argv[1])], Path(sys.argv[2]), config)\n"
+        "print(sum(manifest['documents'].values()))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(PROJECT)}
+    done = subprocess.run([sys.executable, str(script), str(path), str(tmp_path / "from-script")], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["top", "level", "ran", "600"]
+    assert {p.name: p.read_bytes() for p in (tmp_path / "from-thread").iterdir()} == {p.name: p.read_bytes() for p in (tmp_path / "from-script").iterdir()}
+
+
+def test_a_failing_helper_process_is_a_one_line_error_and_leaves_no_shards(tmp_path, monkeypatch):
+    monkeypatch.setattr(tokenizer, "BATCH_ROWS", 8)
+    broken = tmp_path / "broken_worker.py"
+    broken.write_text("import sys\nsys.stdin.buffer.read(8)\nsys.exit('the helper broke')\n")
+    monkeypatch.setattr(tokenizer.tokenize_worker, "__file__", str(broken))
+    path = _write(tmp_path / "docs.parquet", _texts(400, seed=6))
+    with pytest.raises(TokenizeError, match=r"tokenizer worker process \d+ exited with code 1: the helper broke") as error:
+        tokenize_parquet([path], tmp_path / "out", TokenizeConfig(val_fraction=0.1, shard_tokens=1024, num_workers=2))
+    assert "\n" not in str(error.value)
+    assert not list((tmp_path / "out").iterdir())
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_null_empty_and_invalid_utf8_rows_are_counted_not_fatal(tmp_path, monkeypatch, workers):
+    monkeypatch.setattr(tokenizer, "BATCH_ROWS", 4)  # with 2 workers, both the helper and this process see bad rows
     good = _texts(30)
     raw = [t.encode() for t in good] + [None, b"", b"lone surrogate \xed\xa0\x80 here", b"bad byte \xff end"]
     text = pa.array(raw, pa.binary()).view(pa.string())  # a string column holding invalid UTF-8, as lenient writers do
@@ -133,7 +199,7 @@ def test_null_empty_and_invalid_utf8_rows_are_counted_not_fatal(tmp_path):
     path = tmp_path / "messy.parquet"
     pq.write_table(pa.table({"text": text, "token_count": pa.array(counts, pa.int64())}), path)
 
-    config = TokenizeConfig(val_fraction=0.3, shard_tokens=1024, num_workers=1)
+    config = TokenizeConfig(val_fraction=0.3, shard_tokens=1024, num_workers=workers)
     manifest = tokenize_parquet([path], tmp_path / "out", config)
     assert manifest["skipped_empty_documents"] == 2
     assert manifest["invalid_utf8_documents"] == 2
@@ -142,6 +208,27 @@ def test_null_empty_and_invalid_utf8_rows_are_counted_not_fatal(tmp_path):
     docs = _documents(_shards(tmp_path / "out", "train")) + _documents(_shards(tmp_path / "out", "val"))
     decoded = {gpt2_encoding().decode(d) for d in docs}
     assert "lone surrogate \ufffd\ufffd\ufffd here" in decoded and "bad byte \ufffd end" in decoded
+
+
+def test_large_string_sliced_and_null_texts_give_the_same_shards(tmp_path):
+    """Texts reach the encoders as byte spans into Arrow's buffers: 32- or 64-bit offsets,
+    an array that starts inside its buffers (a slice), nulls and empty strings all give the
+    same documents."""
+    texts = _texts(300, seed=9)
+    texts[3], texts[10], texts[11] = None, "", "ünïcödé ☃ text"
+    outputs = {}
+    for kind in (pa.string(), pa.large_string()):
+        path = tmp_path / f"{kind}.parquet"
+        pq.write_table(pa.table({"text": pa.array(texts, kind)}), path, row_group_size=70)
+        manifest = tokenize_parquet([path], tmp_path / f"out-{kind}", TokenizeConfig(val_fraction=0.1, shard_tokens=2048, num_workers=2))
+        outputs[kind] = {p.name: p.read_bytes() for p in (tmp_path / f"out-{kind}").iterdir()}
+        assert manifest["skipped_empty_documents"] == 2
+    assert outputs[pa.string()] == outputs[pa.large_string()]
+
+    column = pa.array(["skipped", "x", None, "", "naïve", "last"], pa.large_string()).slice(1)
+    job = tokenizer._job(0, 100, column, None)
+    assert job.rows.tolist() == [100, 103, 104] and job.skipped_empty == 2
+    assert [bytes(memoryview(job.data)[a:b]).decode() for a, b in zip(job.starts, job.ends)] == ["x", "naïve", "last"]
 
 
 @pytest.mark.skipif(not SAMPLE.exists(), reason="../shared FineWeb sample not present")
