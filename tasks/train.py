@@ -19,7 +19,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 
 from configs import PipelineConfig, describe
 from gpt.checkpoint import latest_checkpoint
-from gpt.train import describe_event
+from gpt.train import METRICS_FILE, describe_event
 from gpt.train import train as train_gpt
 from storage.artifacts import ArtifactStore
 from tasks.charts import line_chart_svg, markdown_image
@@ -96,7 +96,7 @@ def model_card(config: PipelineConfig, train_tokens: int | None) -> str:
 
 
 def read_metrics(folder: Path) -> list[dict[str, Any]]:
-    file = folder / "metrics.jsonl"
+    file = folder / METRICS_FILE
     if not file.exists():
         return []
     return [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
@@ -126,7 +126,7 @@ def train(store: ArtifactStore, config: PipelineConfig, tokenize_ref: dict[str, 
     """Train (or resume, or continue) the run `runs/<run_name>` and publish its curves and checkpoints."""
     data_dir = Path(tokenize_ref["path"])
     folder = run_dir(store, config)
-    train_tokens = store.manifest("tokenize", tokenize_ref["version"]).metrics.get("train_tokens")
+    train_tokens = store.manifest("tokenize", tokenize_ref["version"]).metrics["tokens"]["train"]
     create_markdown_artifact(key=ui_key(ui_name, "model-card"), markdown=model_card(config, train_tokens),
                              description="what is being trained: size, FLOPs, tokens, epochs")
     progress = ProgressArtifact(f"training {config.run_name} to {config.train.max_iters} iterations")

@@ -55,6 +55,18 @@ def test_demo_runs_every_stage_and_publishes_verified_artifacts(demo_runs):
     assert samples.count("The module") == 2
 
 
+def test_model_card_states_the_expected_epochs_over_the_training_tokens(demo_runs, prefect_server):
+    import httpx
+
+    summary, _, _, _ = demo_runs
+    tokenize = json.loads((Path(summary["stages"]["tokenize"]["path"]) / "manifest.json").read_text())
+    epochs = 120 * 8 * 128 * 2 / tokenize["metrics"]["tokens"]["train"]
+    response = httpx.post(f"{prefect_server.api_url}/artifacts/latest/filter",
+                          json={"artifacts": {"key": {"any_": ["demo-model-card"]}}})
+    [card] = response.json()
+    assert f"| expected epochs over the data | {epochs:.2f} |" in card["data"]
+
+
 def test_second_run_is_served_from_the_cache_with_the_same_versions(demo_runs):
     first, second, output, _ = demo_runs
     for stage in DATA_STAGES + ["evaluate", "sample"]:
