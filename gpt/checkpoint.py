@@ -20,7 +20,6 @@ import os
 import re
 import shutil
 import time
-import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ import torch
 
 from configs.schema import ModelConfig
 from gpt.model import GPT, GPTConfig, strip_wrapper_prefixes, unwrap_model
-from storage.artifacts import fsync_dir, sha256_file, write_json_atomic
+from storage.artifacts import publish_folder, sha256_file, write_json_atomic
 
 CHECKPOINTS = "checkpoints"
 MODEL_FILE = "model.pt"
@@ -85,25 +84,18 @@ def save_checkpoint(
     parent = checkpoints_dir(run_dir)
     parent.mkdir(parents=True, exist_ok=True)
     final = parent / step_name(iteration)
-    tmp = parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        _save_torch(unwrap_model(model).state_dict(), tmp / MODEL_FILE)
-        _save_torch(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
-        write_json_atomic(tmp / STATE_FILE, {**state, "iteration": iteration})
+
+    def fill(folder: Path) -> None:
+        _save_torch(unwrap_model(model).state_dict(), folder / MODEL_FILE)
+        _save_torch(optimizer.state_dict(), folder / OPTIMIZER_FILE)
+        write_json_atomic(folder / STATE_FILE, {**state, "iteration": iteration})
         files = [
-            {"path": name, "bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
+            {"path": name, "bytes": (folder / name).stat().st_size, "sha256": sha256_file(folder / name)}
             for name in (MODEL_FILE, OPTIMIZER_FILE, STATE_FILE)
         ]
-        write_json_atomic(tmp / MANIFEST_FILE, {"iteration": iteration, "created_at": time.time(), "files": files})
-        fsync_dir(tmp)
-        if final.exists():  # a damaged checkpoint of the same step, found bad and retrained
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        fsync_dir(parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_json_atomic(folder / MANIFEST_FILE, {"iteration": iteration, "created_at": time.time(), "files": files})
+
+    publish_folder(final, fill)  # replaces a damaged checkpoint of the same step, found bad and retrained
     prune_checkpoints(run_dir, keep_last)
     return final
 

@@ -57,7 +57,7 @@ from gpt.data import DataError, ShardDataset, TrainLoader
 from gpt.flops import mfu, peak_flops
 from gpt.model import GPT, GPTConfig
 from gpt.schedule import Schedule
-from storage.artifacts import code_version
+from storage.artifacts import code_version, write_text_atomic
 from storage.shards import ShardError
 
 METRICS_FILE = "metrics.jsonl"
@@ -332,9 +332,7 @@ def trim_metrics(path: Path, step: int) -> None:
         iteration = event.get("iter")
         if iteration is None or (event["event"] == "train" and iteration < step) or (event["event"] != "train" and iteration <= step):
             kept.append(line)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
 # ---------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, Field
 
@@ -95,12 +95,31 @@ def fsync_dir(path: Path) -> None:
 
 def write_json_atomic(path: Path, payload: Any) -> None:
     """Write JSON to a temporary name, fsync, rename: readers see the old or the new file."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "w") as handle:
-        json.dump(payload, handle, indent=2, sort_keys=True, default=str)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True, default=str))
+
+
+T = TypeVar("T")
+
+
+def publish_folder(final: Path, fill: Callable[[Path], T]) -> T:
+    """Run `fill(tmp)` on a temporary sibling `.<name>.tmp-<hex>`, fsync it, rename it to `final`.
+
+    A crash never leaves a half-written folder at `final`; on any error the temporary
+    folder is removed. An existing `final` (a leftover found incomplete or damaged) is replaced.
+    """
+    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        result = fill(tmp)
+        fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return result
 
 
 def list_files(folder: Path) -> list[FileEntry]:
@@ -171,28 +190,15 @@ class ArtifactStore:
         self.ensure_writable()
         final = self.path(stage, version)
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.parent / f".{version}.{uuid.uuid4().hex[:8]}.tmp"
-        tmp.mkdir()
-        try:
-            metrics = build(tmp) or {}
-            manifest = Manifest(
-                stage=stage,
-                version=version,
-                inputs=inputs or {},
-                config=config or {},
-                code_version=code,
-                files=list_files(tmp),
-                metrics=metrics,
-            )
-            write_json_atomic(tmp / MANIFEST, manifest.model_dump())
-            fsync_dir(tmp)
-            if final.exists():  # an incomplete folder left by an older crash: never trusted
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            fsync_dir(final.parent)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+
+        def fill(folder: Path) -> Manifest:
+            metrics = build(folder) or {}
+            manifest = Manifest(stage=stage, version=version, inputs=inputs or {}, config=config or {},
+                                code_version=code, files=list_files(folder), metrics=metrics)
+            write_json_atomic(folder / MANIFEST, manifest.model_dump())
+            return manifest
+
+        manifest = publish_folder(final, fill)  # a folder without a manifest (older crash) is replaced
         write_text_atomic(final.parent / "latest", version + "\n")
         return manifest
 
