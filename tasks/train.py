@@ -110,12 +110,14 @@ def _train_with_torchrun(config: PipelineConfig, data_dir: Path, folder: Path) -
                f"--nproc_per_node={config.train.nproc_per_node}", "-m", "gpt.train",
                "--config", handle.name, "--data-dir", str(data_dir), "--run-dir", str(folder)]
     last_line = ""
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as process:
-        for line in process.stdout:
-            print(line.rstrip())
-            if line.strip():
-                last_line = line.strip()
-    os.unlink(handle.name)
+    try:
+        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as process:
+            for line in process.stdout:
+                print(line.rstrip())
+                if line.strip():
+                    last_line = line.strip()
+    finally:
+        os.unlink(handle.name)
     if process.returncode:
         raise RuntimeError(f"torchrun exited with status {process.returncode}; see the log above")
     return json.loads(last_line)
