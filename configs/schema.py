@@ -55,6 +55,11 @@ class DataConfig(Section):
 class ProfileConfig(Section):
     short_doc_chars: int = Field(default=200, ge=1, description="documents shorter than this count as short")
     top_domains: int = Field(default=20, ge=1)
+    memory_limit: str | None = Field(
+        default=None,
+        pattern=r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$",
+        description="DuckDB's memory cap, e.g. '4GB' (default: 80% of RAM); beyond it DuckDB spills to disk. Not part of the profile's version",
+    )
 
 
 class TokenizeConfig(Section):

@@ -123,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         overrides = nest_overrides(parse_overrides(args.overrides))
-        load_config(args.config, overrides)  # fail fast on a bad config, before Prefect starts
+        cfg = load_config(args.config, overrides)  # fail fast on a bad config or storage root, before Prefect starts
+        ArtifactStore(cfg.storage.root).ensure_writable()
         summary = fineweb_pretrain(config=args.config, overrides=overrides, until=args.until)
     except Exception as exc:  # every stage raises one-line errors; show just that line
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)

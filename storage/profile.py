@@ -26,14 +26,29 @@ class ProfileError(ValueError):
 
 
 def profile_parquet(
-    files: list[str | Path], text_column: str = "text", short_doc_chars: int = 200, top_domains: int = 20
+    files: list[str | Path],
+    text_column: str = "text",
+    short_doc_chars: int = 200,
+    top_domains: int = 20,
+    memory_limit: str | None = None,
+    spill_directory: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Statistics of the documents in the parquet files (see the module docstring)."""
+    """Statistics of the documents in the parquet files (see the module docstring).
+
+    DuckDB streams the files, so their size may exceed RAM; memory_limit (e.g. "4GB") caps
+    DuckDB's memory (default: DuckDB's own, 80% of RAM) and spill_directory is where it may
+    spill beyond it."""
     if not files:
         raise ProfileError("no parquet files to profile; check data.source")
     urls = [str(file) for file in files]
+    named = _name_files(urls)
+    settings = {"memory_limit": memory_limit, "temp_directory": str(spill_directory) if spill_directory else None}
     started = time.perf_counter()
-    with duckdb.connect() as con:
+    try:
+        con = duckdb.connect(config={key: value for key, value in settings.items() if value is not None})
+    except duckdb.Error as exc:
+        raise ProfileError(f"DuckDB rejected profile.memory_limit={memory_limit!r} ({str(exc).splitlines()[0]}); use a size such as '4GB'") from None
+    with con:
         for url in urls:
             if protocol_of(url) != "file":  # DuckDB reads other URLs through fsspec
                 con.register_filesystem(filesystem(url)[0])
@@ -42,20 +57,32 @@ def profile_parquet(
         try:
             columns = dict(con.execute(f"SELECT column_name, column_type FROM (DESCRIBE SELECT * FROM {source})", {"files": paths}).fetchall())
         except duckdb.Error as exc:
-            raise ProfileError(f"cannot read {', '.join(urls)} as parquet ({str(exc).splitlines()[0]}); re-run the download stage") from None
+            raise ProfileError(f"cannot read {named} as parquet ({str(exc).splitlines()[0]}); re-run the download stage") from None
         if columns.get(text_column) != "VARCHAR":
             found = f"is {columns[text_column]}, not text" if text_column in columns else "is missing"
             raise ProfileError(
-                f"column {text_column!r} {found} in {', '.join(urls)} (columns: {', '.join(columns)}); "
+                f"column {text_column!r} {found} in {named} (columns: {', '.join(columns)}); "
                 "name the text column with --set data.text_column=..."
             )
         sections = _sections(columns, short_doc_chars, top_domains)
         try:
             row = con.execute(_profile_sql(source, columns, text_column, sections), {"files": paths}).fetchone()
+        except duckdb.OutOfMemoryException as exc:
+            raise ProfileError(
+                f"DuckDB ran out of memory profiling {named} ({str(exc).splitlines()[0]}); "
+                f"raise --set profile.memory_limit=... (now {memory_limit or 'DuckDB default'})"
+            ) from None
         except duckdb.Error as exc:
-            raise ProfileError(f"DuckDB could not profile {', '.join(urls)}: {str(exc).splitlines()[0]}") from None
+            raise ProfileError(f"DuckDB could not profile {named}: {str(exc).splitlines()[0]}") from None
     results = dict(zip([name for name, _ in sections], row))
     return _assemble(results, urls, text_column, short_doc_chars, time.perf_counter() - started)
+
+
+def _name_files(urls: list[str]) -> str:
+    """The files for an error message: all of a few, the first three of many (a dump has hundreds)."""
+    if len(urls) <= 3:
+        return ", ".join(urls)
+    return f"{', '.join(urls[:3])} and {len(urls) - 3} more"
 
 
 def _quote(name: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,8 @@ CODE = ("storage/profile.py",)
 
 def plan_profile(download_version: str, data: DataConfig, profile: ProfileConfig) -> str:
     return stable_hash({"download": download_version, "text_column": data.text_column,
-                        "profile": profile.model_dump(), "code": code_version(CODE)})
+                        "profile": profile.model_dump(exclude={"memory_limit"}),  # how, not what: same report
+                        "code": code_version(CODE)})
 
 
 @task(name=STAGE, cache_key_fn=version_cache_key, persist_result=True, result_serializer="json", log_prints=True)
@@ -31,8 +33,10 @@ def profile(store: ArtifactStore, version: str, download_ref: dict[str, Any], da
     """Write profile.json, profile.md and histogram SVGs; publish markdown + tables to the UI."""
 
     def build(folder: Path) -> dict[str, Any]:
-        report = profile_parquet(parquet_files(download_ref), text_column=data.text_column,
-                                 short_doc_chars=config.short_doc_chars, top_domains=config.top_domains)
+        with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".duckdb-spill-") as spill:  # beside, not inside, the artifact
+            report = profile_parquet(parquet_files(download_ref), text_column=data.text_column,
+                                     short_doc_chars=config.short_doc_chars, top_domains=config.top_domains,
+                                     memory_limit=config.memory_limit, spill_directory=spill)
         (folder / "profile.json").write_text(json.dumps(report, indent=2, default=str))
         (folder / "profile.md").write_text(profile_markdown(report))
         for name, histogram in report.get("histograms", {}).items():

@@ -125,3 +125,19 @@ def test_invalid_config_value_fails_before_anything_runs(tmp_path):
     line = _last_line(process.stderr)
     assert "train.max_iters" in line and "greater than or equal to 1" in line
     assert not root.exists()
+
+
+def test_unwritable_storage_root_is_one_line_error_naming_the_fix(tmp_path):
+    import subprocess
+    import sys
+
+    in_the_way = tmp_path / "a-file"
+    in_the_way.write_text("not a folder")
+    process = subprocess.run([sys.executable, "-m", "flows.fineweb_pretrain", "--config", "configs/demo.yaml",
+                              "--set", f"storage.root={in_the_way}/artifacts"],
+                             capture_output=True, text=True, timeout=120)
+    assert process.returncode == 1
+    line = _last_line(process.stderr)
+    assert f"storage root {in_the_way}/artifacts is not writable" in line and "--set storage.root=" in line
+    assert "Traceback" not in process.stderr
+    assert in_the_way.read_text() == "not a folder" and list(tmp_path.iterdir()) == [in_the_way]

@@ -3,6 +3,7 @@ FineWeb sample; fsspec (memory://) files; the markdown and SVG reports."""
 
 import json
 import re
+import shutil
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -125,3 +126,37 @@ def test_markdown_and_svg_reports(tmp_path):
     assert "Document length &lt;chars&gt;" in svg
     assert re.search(r"<title>256–512: 4</title>", svg)
     assert "no data" in histogram_svg({"edges": [], "counts": []}, "empty")
+
+
+def _bulky_parquet(path: Path, documents: int = 6_000, chars: int = 8_000) -> Path:
+    """~48 MB of distinct texts in row groups of 500 documents."""
+    words = [f"word{i}" for i in range(2_000)]
+    texts = [" ".join(words[(d * 7 + k) % len(words)] for k in range(chars // 8)) + f" doc {d}" for d in range(documents)]
+    pq.write_table(pa.table({"text": texts}), path, row_group_size=500, compression="zstd")
+    return path
+
+
+def test_text_several_times_the_memory_limit_streams_through_duckdb(tmp_path):
+    """Four files of ~48 MB text each (~190 MB) under a 48 MB cap give the uncapped report; a
+    cap too small to hold one row group is a one-line error that names the setting to raise."""
+    one = _bulky_parquet(tmp_path / "bulky0.parquet")
+    files = [one] + [Path(shutil.copyfile(one, tmp_path / f"bulky{i}.parquet")) for i in (1, 2, 3)]
+    uncapped = profile_parquet(files)
+    capped = profile_parquet(files, memory_limit="48MB", spill_directory=tmp_path / "spill")
+    assert capped["text"]["utf8_bytes_total"] > 3.5 * 48 * 2**20
+    assert {**capped, "seconds": 0} == {**uncapped, "seconds": 0}
+    assert capped["duplicates"]["documents"] == 3 * 6_000
+    with pytest.raises(ProfileError, match=r"out of memory profiling .*bulky0\.parquet, .*bulky2\.parquet and 1 more .*--set profile\.memory_limit=") as error:
+        profile_parquet(files, memory_limit="4MB")
+    assert "\n" not in str(error.value)
+
+
+def test_memory_limit_is_checked_by_the_config_and_by_duckdb():
+    from configs import load_config
+    from configs.schema import ConfigError
+
+    assert load_config("demo", ["profile.memory_limit=2GB"]).profile.memory_limit == "2GB"
+    with pytest.raises(ConfigError, match="memory_limit"):
+        load_config("demo", ["profile.memory_limit=lots"])
+    with pytest.raises(ProfileError, match=r"profile\.memory_limit='7 parsecs'.*'4GB'"):
+        profile_parquet([Path("unused.parquet")], memory_limit="7 parsecs")
