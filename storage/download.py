@@ -30,7 +30,7 @@ import requests  # one streamed, resumable GET for http(s); fsspec would cut it 
 from storage.artifacts import sha256_file
 from storage.fs import SourceError, filesystem, protocol_of, source_fingerprint
 
-CHUNK_BYTES = 1 << 20  # a dropped connection loses at most the chunk being read
+CHUNK_BYTES = 8 << 20  # one ranged read per chunk from object stores; a dropped connection loses at most this
 ATTEMPTS = 5
 BACKOFF_S = 0.5  # first retry waits this long, then twice as long each time
 MAX_RETRY_AFTER_S = 60.0
@@ -200,8 +200,8 @@ def _fetch_fsspec(url: str, partial: Path, size: int | None, chunk_bytes: int, o
             raise _Transient(f"{url}: the partial download is longer than the source; starting over")
         return
     fs, path = filesystem(url)
-    try:
-        with fs.open(path, "rb") as source, open(partial, "ab") as out:
+    try:  # no read-ahead cache: each read is one range request, so what reached the partial is all that was fetched
+        with fs.open(path, "rb", cache_type="none") as source, open(partial, "ab") as out:
             source.seek(offset)
             while chunk := source.read(chunk_bytes):
                 out.write(chunk)

@@ -150,9 +150,9 @@ def test_glob_matching_nothing_names_the_pattern(tmp_path):
 
 
 @pytest.mark.parametrize("url, package", [("hf://datasets/HuggingFaceFW/fineweb/data/*.parquet", "huggingface_hub"), ("s3://bucket/x.parquet", "s3fs")])
-def test_missing_optional_backend_says_what_to_install(url, package):
-    if importlib.util.find_spec(package):
-        pytest.skip(f"{package} is installed")
+def test_missing_optional_backend_says_what_to_install(url, package, monkeypatch):
+    installed = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == package else installed(name, *args))
     with pytest.raises(SourceError, match=f"pip install {package}"):
         expand_sources([url])
 
