@@ -19,6 +19,7 @@ from typing import Any
 import duckdb
 
 from storage.fs import filesystem, protocol_of
+from storage.markdown import human_bytes, markdown_table
 
 
 class ProfileError(ValueError):
@@ -237,12 +238,6 @@ def _human(value: float) -> str:
     return f"{value:g}"
 
 
-def _table(header: tuple[str, ...], rows: list[tuple[Any, ...]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def profile_markdown(profile: dict[str, Any]) -> str:
     """A readable markdown report of a profile_parquet result."""
     rows = profile["rows"]
@@ -252,11 +247,11 @@ def profile_markdown(profile: dict[str, Any]) -> str:
     def share(count: int) -> str:
         return f"{count:,} ({count / rows:.2%})" if rows else "0"
 
-    overview = [
+    overview = [  # (label, value)
         ("files", profile["files"]),
         ("documents", f"{rows:,}"),
-        ("bytes on disk", _human(profile["bytes"]) + "B"),
-        ("text (UTF-8)", _human(text["utf8_bytes_total"]) + "B"),
+        ("bytes on disk", human_bytes(profile["bytes"])),
+        ("text (UTF-8)", human_bytes(text["utf8_bytes_total"])),
         ("characters p1 / p50 / p99 / max", f"{chars['p1']} / {chars['p50']} / {chars['p99']} / {chars['max']}"),
         ("null texts", share(text["null"])),
         ("empty texts", share(text["empty"])),
@@ -272,20 +267,21 @@ def profile_markdown(profile: dict[str, Any]) -> str:
     if "date" in profile:
         overview.append(("crawl dates", f"{profile['date']['min']} … {profile['date']['max']}"))
 
-    parts = ["# Data profile", _table(("", "value"), overview)]
-    nulls = [(column, share(count)) for column, count in profile["null_counts"].items() if count]
+    parts = ["# Data profile", markdown_table([{"": label, "value": value} for label, value in overview])]
+    nulls = [{"column": column, "nulls": share(count)} for column, count in profile["null_counts"].items() if count]
     if nulls:
-        parts += ["## Null values", _table(("column", "nulls"), nulls)]
+        parts += ["## Null values", markdown_table(nulls)]
     for key, title in (("language", "Languages"), ("dumps", "Dumps")):
         if profile.get(key):
-            parts += [f"## {title}", _table((key.rstrip("s"), "documents"), [(v, f"{c:,}") for v, c in list(profile[key].items())[:20]])]
+            counts = list(profile[key].items())[:20]
+            parts += [f"## {title}", markdown_table([{key.rstrip("s"): value, "documents": f"{c:,}"} for value, c in counts])]
     if profile.get("top_domains"):
-        parts += ["## Top domains", _table(("domain", "documents"), [(d["domain"], f"{d['documents']:,}") for d in profile["top_domains"]])]
+        parts += ["## Top domains", markdown_table([{"domain": d["domain"], "documents": f"{d['documents']:,}"} for d in profile["top_domains"]])]
     for key, title in (("text_chars", "Document length (characters; bins are [low, high))"), ("token_count", "Document length (GPT-2 tokens)")):
         hist = profile["histograms"].get(key)
         if hist and hist["counts"]:
-            bins = [(_bin_label(hist["edges"], i), f"{c:,}") for i, c in enumerate(hist["counts"]) if c]
-            parts += [f"## {title}", _table(("range", "documents"), bins)]
+            bins = [{"range": _bin_label(hist["edges"], i), "documents": f"{c:,}"} for i, c in enumerate(hist["counts"]) if c]
+            parts += [f"## {title}", markdown_table(bins)]
     parts.append(f"_{profile['files']} file(s) profiled by DuckDB in {profile['seconds']} s._")
     return "\n\n".join(parts) + "\n"
 

@@ -14,6 +14,7 @@ from prefect import Task
 from prefect.context import TaskRunContext
 
 from storage.artifacts import ArtifactStore, stable_hash
+from storage.markdown import human_bytes
 
 
 def version_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
@@ -32,30 +33,6 @@ def run_cached_stage(task: Task, store: ArtifactStore, version: str, **parameter
 def ui_key(*parts: str) -> str:
     """Prefect artifact keys allow lowercase letters, digits and dashes only."""
     return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")
-
-
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    if not rows:
-        return "_(none)_"
-    columns = list(rows[0])
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def _cell(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value).replace("|", "\\|").replace("\n", " ")
-
-
-def human_bytes(count: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(count) < 1024 or unit == "TB":
-            return f"{count:.1f} {unit}" if unit != "B" else f"{int(count)} B"
-        count /= 1024
-    return f"{count:.1f} TB"
-
 
 
 class ProgressArtifact:

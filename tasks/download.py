@@ -15,7 +15,8 @@ from storage.artifacts import ArtifactStore, code_version, stable_hash
 from storage.demo_corpus import resolve_demo_source
 from storage.download import download_sources
 from storage.fs import expand_sources, source_fingerprint
-from tasks.common import ProgressArtifact, human_bytes, markdown_table, ui_key, version_cache_key
+from storage.markdown import human_bytes, markdown_table
+from tasks.common import ProgressArtifact, ui_key, version_cache_key
 
 STAGE = "download"
 CODE = ("storage/download.py", "storage/fs.py")

@@ -14,7 +14,8 @@ from gpt.tokenizer import tokenize_parquet
 from storage.artifacts import ArtifactStore, code_version, stable_hash
 from storage.profile import histogram_svg
 from tasks.charts import markdown_image
-from tasks.common import ProgressArtifact, markdown_table, ui_key, version_cache_key
+from storage.markdown import markdown_table
+from tasks.common import ProgressArtifact, ui_key, version_cache_key
 from tasks.download import parquet_files
 
 STAGE = "tokenize"

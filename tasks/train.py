@@ -23,7 +23,8 @@ from gpt.train import METRICS_FILE, describe_event
 from gpt.train import train as train_gpt
 from storage.artifacts import ArtifactStore
 from tasks.charts import line_chart_svg, markdown_image
-from tasks.common import ProgressArtifact, markdown_table, ui_key
+from storage.markdown import markdown_table
+from tasks.common import ProgressArtifact, ui_key
 
 STAGE = "train"
 
