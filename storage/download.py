@@ -37,6 +37,12 @@ MAX_RETRY_AFTER_S = 60.0
 PARQUET_MAGIC = b"PAR1"
 TRANSIENT_STATUS = {408, 425, 429, 500, 502, 503, 504}
 HTTP_TIMEOUT_S = (15, 60)  # connect, read
+# Network failures of object-store clients that are not OSErrors (botocore's, urllib3's), by class name
+# so that no optional backend has to be imported to recognise them.
+TRANSIENT_ERROR_NAMES = {
+    "ResponseStreamingError", "IncompleteRead", "ProtocolError", "ReadTimeoutError", "ConnectTimeoutError",
+    "EndpointConnectionError", "ConnectionClosedError", "ReadTimeout", "ConnectTimeout",
+}
 
 Progress = Callable[[int, int], None]
 
@@ -298,14 +304,30 @@ def _classify(url: str, exc: BaseException) -> Exception:
         return DownloadError(f"{url}: permission denied — check data.source and your credentials")
     response = getattr(exc, "response", None)
     status = getattr(exc, "status", None) or getattr(exc, "status_code", None) or getattr(response, "status_code", None)
+    if isinstance(response, dict):  # botocore's ClientError: S3's 503 SlowDown is retried, 403 AccessDenied is not
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
     message = f"{url}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     if isinstance(status, int):
         if status in TRANSIENT_STATUS or status >= 500:
             return _Transient(message)
         return DownloadError(f"{message} — check data.source")
-    if isinstance(exc, (OSError, aiohttp.ClientError, requests.RequestException)):  # OSError covers connection and timeout errors
+    if _is_network_error(exc):
         return _Transient(message)
     return DownloadError(message)
+
+
+def _is_network_error(exc: BaseException) -> bool:
+    """A dropped connection or timeout, raised directly or as the cause of a backend's own error."""
+    seen: BaseException | None = exc
+    for _ in range(6):  # the exception and a few of its causes
+        if seen is None:
+            return False
+        if isinstance(seen, (OSError, aiohttp.ClientError, requests.RequestException)):  # OSError: connection and timeout errors
+            return True
+        if any(kind.__name__ in TRANSIENT_ERROR_NAMES for kind in type(seen).__mro__):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _not_parquet(url: str, detail: str) -> DownloadError:

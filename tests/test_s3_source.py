@@ -155,3 +155,24 @@ def test_missing_key_and_non_parquet_object_are_one_line_errors(s3_source, tmp_p
     with pytest.raises(Exception, match=f"{readme} is not a complete parquet file") as error:
         download_sources([readme], tmp_path / "dest")
     assert "\n" not in str(error.value) and list((tmp_path / "dest").iterdir()) == []
+
+
+def test_botocore_streaming_errors_are_retried_not_fatal():
+    """A cut response surfaces from botocore as ResponseStreamingError, not an OSError: it must
+    be retried like any dropped connection, and so must S3's 503 SlowDown, while a refused
+    request is not."""
+    from botocore.exceptions import ClientError, ResponseStreamingError
+
+    from storage.download import DownloadError, _classify, _Transient
+
+    cut = ResponseStreamingError(error="Connection broken: IncompleteRead(1000 bytes read, 64536 more expected)")
+    assert isinstance(_classify("s3://b/k", cut), _Transient)
+    try:
+        raise RuntimeError("wrapped by a backend") from cut
+    except RuntimeError as wrapped:
+        assert isinstance(_classify("s3://b/k", wrapped), _Transient)
+    denied = ClientError({"Error": {"Code": "AccessDenied", "Message": "Access Denied"}, "ResponseMetadata": {"HTTPStatusCode": 403}}, "GetObject")
+    refused = _classify("s3://b/k", denied)
+    assert isinstance(refused, DownloadError) and "AccessDenied" in str(refused)
+    slow_down = ClientError({"Error": {"Code": "SlowDown", "Message": "Reduce your request rate"}, "ResponseMetadata": {"HTTPStatusCode": 503}}, "GetObject")
+    assert isinstance(_classify("s3://b/k", slow_down), _Transient)
