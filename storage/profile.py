@@ -48,7 +48,9 @@ def profile_parquet(
     try:
         con = duckdb.connect(config={key: value for key, value in settings.items() if value is not None})
     except duckdb.Error as exc:
-        raise ProfileError(f"DuckDB rejected profile.memory_limit={memory_limit!r} ({str(exc).splitlines()[0]}); use a size such as '4GB'") from None
+        raise ProfileError(
+            f"DuckDB rejected its settings {settings} ({str(exc).splitlines()[0]}); set profile.memory_limit to a size such as '4GB'"
+        ) from None
     with con:
         for url in urls:
             if protocol_of(url) != "file":  # DuckDB reads other URLs through fsspec

@@ -158,5 +158,5 @@ def test_memory_limit_is_checked_by_the_config_and_by_duckdb():
     assert load_config("demo", ["profile.memory_limit=2GB"]).profile.memory_limit == "2GB"
     with pytest.raises(ConfigError, match="memory_limit"):
         load_config("demo", ["profile.memory_limit=lots"])
-    with pytest.raises(ProfileError, match=r"profile\.memory_limit='7 parsecs'.*'4GB'"):
+    with pytest.raises(ProfileError, match=r"'memory_limit': '7 parsecs'.*profile\.memory_limit to a size such as '4GB'"):
         profile_parquet([Path("unused.parquet")], memory_limit="7 parsecs")
