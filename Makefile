@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# keep in step with pyproject.toml
+TORCH_VERSION := 2.13.0
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 
@@ -15,6 +17,9 @@ help:  ## list the targets
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	@# torch's CPU build first: left to the resolver, torch==2.13.0 may come as the ~2.8 GB CUDA build
+	$(PY) -m pip install --quiet 'torch==$(TORCH_VERSION)+cpu' \
+	  || $(PY) -m pip install --quiet 'torch==$(TORCH_VERSION)+cpu' --extra-index-url https://download.pytorch.org/whl/cpu
 	$(PY) -m pip install --quiet -e '.[dev]'
 	@touch $(STAMP)
 
