@@ -8,7 +8,6 @@ response short, as the loopback HTTP server of test_download.py does for https:/
 
 from __future__ import annotations
 
-import socket
 import threading
 from collections.abc import Iterator
 
@@ -54,11 +53,9 @@ class LoggedS3:
 @pytest.fixture(scope="module")
 def s3_server() -> Iterator[LoggedS3]:
     """A loopback S3 endpoint, with s3fs pointed at it through the standard AWS variables."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     app = LoggedS3()
-    server = make_server("127.0.0.1", port, app, threaded=True, request_handler=MotoRequestHandler)
+    server = make_server("127.0.0.1", 0, app, threaded=True, request_handler=MotoRequestHandler)  # any free port
+    port = server.server_address[1]
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     with pytest.MonkeyPatch.context() as env:
