@@ -144,12 +144,13 @@ def test_tokenize_throughput(benchmark, corpus, baseline_loops, parallel_loops, 
     `cores_busy` shows how much of the machine the stage kept working. The 1-minute load average
     at the start and end is recorded: read the figures only when it started low."""
     load_before = os.getloadavg()[0]
-    baselines, rounds, outputs = [baseline_loops["encode_ordinary"]()], [], []
+    baselines, rounds, outputs = [], [], []
     numpy_loops = [baseline_loops["encode_to_numpy"]()]
 
-    def setup():  # untimed by the benchmark: an empty output folder, and this round's ceiling
+    def setup():  # untimed by the benchmark: an empty output folder, the baseline after the last round and before this one, the ceiling
         for out in outputs:
             shutil.rmtree(out, ignore_errors=True)
+        baselines.append(baseline_loops["encode_ordinary"]())
         rounds.append({"parallel_loops": parallel_loops()} if workers != 1 else {})
 
     def run():
@@ -158,10 +159,10 @@ def test_tokenize_throughput(benchmark, corpus, baseline_loops, parallel_loops, 
         started_cpu, started = _cpu_seconds(), time.perf_counter()
         manifest = tokenize_parquet(corpus[4], out, TokenizeConfig(num_workers=workers, shard_tokens=SHARD_TOKENS))
         rounds[-1]["ours"] = (sum(manifest["tokens"].values()), time.perf_counter() - started, _cpu_seconds() - started_cpu)
-        baselines.append(baseline_loops["encode_ordinary"]())  # this round's "after", the next one's "before"
         return manifest
 
     manifest = benchmark.pedantic(run, setup=setup, rounds=ROUNDS[workers], iterations=1)
+    baselines.append(baseline_loops["encode_ordinary"]())  # after the last round
     numpy_loops.append(baseline_loops["encode_to_numpy"]())
     documents = sum(manifest["documents"].values())
     tokens = sum(manifest["tokens"].values())
@@ -171,8 +172,11 @@ def test_tokenize_throughput(benchmark, corpus, baseline_loops, parallel_loops, 
     def per_s(measured: tuple[int, float, float]) -> float:
         return measured[0] / measured[1]
 
-    def bracketing(i: int) -> float:  # baseline tokens/s around round i
-        return (per_s(baselines[i]) + per_s(baselines[i + 1])) / 2
+    def per_cpu_s(measured: tuple[int, float, float]) -> float:
+        return measured[0] / measured[2]
+
+    def bracketing(i: int, rate=per_s) -> float:  # the baseline's rate around round i: the mean of before and after
+        return (rate(baselines[i]) + rate(baselines[i + 1])) / 2
 
     ratios = [per_s(r["ours"]) / bracketing(i) for i, r in enumerate(rounds)]
     ours = min((r["ours"] for r in rounds), key=lambda m: m[1])
@@ -192,10 +196,7 @@ def test_tokenize_throughput(benchmark, corpus, baseline_loops, parallel_loops, 
             "baseline_best_tokens_per_s": round(per_s(baseline)),
             "baseline_seconds_per_measurement": [round(b[1], 2) for b in baselines],
             "cores_busy_per_round": [round(r["ours"][2] / r["ours"][1], 2) for r in rounds],
-            "tokens_per_cpu_s_vs_baseline_per_round": [
-                round((r["ours"][0] / r["ours"][2]) / ((baselines[i][0] / baselines[i][2] + baselines[i + 1][0] / baselines[i + 1][2]) / 2), 2)
-                for i, r in enumerate(rounds)
-            ],
+            "tokens_per_cpu_s_vs_baseline_per_round": [round(per_cpu_s(r["ours"]) / bracketing(i, per_cpu_s), 2) for i, r in enumerate(rounds)],
             "encode_to_numpy_loop_vs_baseline": [round(per_s(n) / per_s(b), 2) for n, b in ((numpy_loops[0], baselines[0]), (numpy_loops[1], baselines[-1]))],
             **(
                 {
