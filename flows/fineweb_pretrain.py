@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from prefect import flow
 from prefect.runtime import flow_run
@@ -26,8 +26,8 @@ from tasks.profile import plan_profile, profile
 from tasks.tokenize import plan_tokenize, tokenize
 from tasks.train import checkpointed_iteration, train
 
-STAGES = ("download", "profile", "tokenize", "train", "evaluate", "sample")
 Stage = Literal["download", "profile", "tokenize", "train", "evaluate", "sample"]
+STAGES: tuple[str, ...] = get_args(Stage)
 
 
 def _run_name() -> str:

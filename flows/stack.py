@@ -45,16 +45,14 @@ class Stack:
 def stack_from_env(folder: str | os.PathLike | None = None, port: int | None = None, extra_env: dict[str, str] | None = None) -> Stack:
     folder = Path(folder or os.environ.get("FWP_STACK_DIR", PROJECT_ROOT / ".stack")).resolve()
     port = port or int(os.environ.get("PREFECT_SERVER_API_PORT", "4200"))
-    env = {**os.environ, **QUIET_ENV, **(extra_env or {})}
-    env["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
-    env["PREFECT_SERVER_API_PORT"] = str(port)
-    env["PREFECT_SERVER_API_HOST"] = "127.0.0.1"
-    return Stack(folder=folder, port=port, env=env)
+    stack = Stack(folder=folder, port=port, env={**os.environ, **QUIET_ENV, **(extra_env or {})})
+    stack.env.update(PREFECT_API_URL=stack.api_url, PREFECT_SERVER_API_PORT=str(port), PREFECT_SERVER_API_HOST="127.0.0.1")
+    return stack
 
 
-def _prefect(stack: Stack, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+def _prefect(stack: Stack, *args: str, check: bool = True, timeout: float | None = None) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "prefect", "--no-prompt", *args]
-    result = subprocess.run(command, cwd=PROJECT_ROOT, env=stack.env, capture_output=True, text=True)
+    result = subprocess.run(command, cwd=PROJECT_ROOT, env=stack.env, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode:
         tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
         raise RuntimeError(f"`prefect {' '.join(args)}` failed: {tail[0]}")

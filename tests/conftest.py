@@ -42,13 +42,3 @@ def run_pipeline_cli(args: list[str], env: dict[str, str], timeout: float = 900)
     lines = process.stdout.strip().splitlines()
     summary = json.loads(lines[-1]) if process.returncode == 0 and lines else None
     return process, summary
-
-
-@pytest.fixture
-def pipeline_env(prefect_server, tmp_path) -> dict[str, str]:
-    """Environment for a pipeline subprocess: the test server, a fresh storage root, 1 torch thread."""
-    env = dict(prefect_server.env)
-    env["FWP_STORAGE_ROOT"] = str(tmp_path / "artifacts")
-    env["OMP_NUM_THREADS"] = env.get("OMP_NUM_THREADS", "2")
-    env["PREFECT_LOGGING_LEVEL"] = "WARNING"
-    return env

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pyarrow as pa
@@ -114,13 +115,9 @@ def test_parquet_without_text_column_is_rejected_by_name(demo_runs, tmp_path):
 
 
 def test_invalid_config_value_fails_before_anything_runs(tmp_path):
-    import subprocess
-    import sys
-
     root = tmp_path / "artifacts"
-    process = subprocess.run([sys.executable, "-m", "flows.fineweb_pretrain", "--config", "configs/demo.yaml",
-                              "--set", "train.max_iters=-5", "--set", f"storage.root={root}"],
-                             capture_output=True, text=True, timeout=120)
+    process, _ = run_pipeline_cli(["--config", "configs/demo.yaml", "--set", "train.max_iters=-5", "--set", f"storage.root={root}"],
+                                  dict(os.environ), timeout=120)
     assert process.returncode == 1
     line = _last_line(process.stderr)
     assert "train.max_iters" in line and "greater than or equal to 1" in line
@@ -128,14 +125,10 @@ def test_invalid_config_value_fails_before_anything_runs(tmp_path):
 
 
 def test_unwritable_storage_root_is_one_line_error_naming_the_fix(tmp_path):
-    import subprocess
-    import sys
-
     in_the_way = tmp_path / "a-file"
     in_the_way.write_text("not a folder")
-    process = subprocess.run([sys.executable, "-m", "flows.fineweb_pretrain", "--config", "configs/demo.yaml",
-                              "--set", f"storage.root={in_the_way}/artifacts"],
-                             capture_output=True, text=True, timeout=120)
+    process, _ = run_pipeline_cli(["--config", "configs/demo.yaml", "--set", f"storage.root={in_the_way}/artifacts"],
+                                  dict(os.environ), timeout=120)
     assert process.returncode == 1
     line = _last_line(process.stderr)
     assert f"storage root {in_the_way}/artifacts is not writable" in line and "--set storage.root=" in line

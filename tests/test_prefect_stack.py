@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import httpx
 import pytest
 
-from flows.stack import WORK_POOL, deploy_all, down, stack_from_env, start_server, start_worker
+from flows.stack import WORK_POOL, _prefect, down, stack_from_env, up
 from tests.conftest import PROJECT_ROOT, free_port
 
 pytestmark = pytest.mark.integration
@@ -27,16 +26,13 @@ def stack(tmp_path_factory):
     stack = stack_from_env(folder=home / "stack", port=free_port(),
                            extra_env={"PREFECT_HOME": str(home), "FWP_STORAGE_ROOT": str(root),
                                       "PREFECT_LOGGING_LEVEL": "INFO", "OMP_NUM_THREADS": "2"})
-    start_server(stack)
-    deploy_all(stack)
-    start_worker(stack)
+    up(stack)
     yield stack, root
     down(stack)
 
 
 def prefect_cli(stack, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", *args], cwd=PROJECT_ROOT, env=stack.env,
-                          capture_output=True, text=True, timeout=timeout)
+    return _prefect(stack, *args, check=False, timeout=timeout)
 
 
 def api(stack, method: str, path: str, **kwargs) -> object:
