@@ -29,7 +29,7 @@ import torch
 
 from configs.schema import ModelConfig
 from gpt.model import GPT, GPTConfig, strip_wrapper_prefixes, unwrap_model
-from storage.artifacts import publish_folder, sha256_file, write_json_atomic
+from storage.artifacts import FileEntry, list_files, mismatched_files, publish_folder, write_json_atomic
 
 CHECKPOINTS = "checkpoints"
 MODEL_FILE = "model.pt"
@@ -89,10 +89,7 @@ def save_checkpoint(
         _save_torch(unwrap_model(model).state_dict(), folder / MODEL_FILE)
         _save_torch(optimizer.state_dict(), folder / OPTIMIZER_FILE)
         write_json_atomic(folder / STATE_FILE, {**state, "iteration": iteration})
-        files = [
-            {"path": name, "bytes": (folder / name).stat().st_size, "sha256": sha256_file(folder / name)}
-            for name in (MODEL_FILE, OPTIMIZER_FILE, STATE_FILE)
-        ]
+        files = [entry.model_dump() for entry in list_files(folder)]  # model, optimizer, state
         write_json_atomic(folder / MANIFEST_FILE, {"iteration": iteration, "created_at": time.time(), "files": files})
 
     publish_folder(final, fill)  # replaces a damaged checkpoint of the same step, found bad and retrained
@@ -116,19 +113,15 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(STEP_PATTERN.match(p.name).group(1)))
 
 
-def damaged_files(checkpoint_dir: str | Path) -> list[str]:
-    """Files of a checkpoint whose size or sha256 differ from its manifest (empty: intact)."""
+def damaged_files(checkpoint_dir: str | Path, only: tuple[str, ...] | None = None) -> list[str]:
+    """Files of a checkpoint (or just those named in `only`) whose size or sha256 differ from
+    its manifest (empty: intact)."""
     folder = Path(checkpoint_dir)
     try:
-        manifest = json.loads((folder / MANIFEST_FILE).read_text())
-    except (OSError, ValueError):
+        entries = [FileEntry.model_validate(entry) for entry in json.loads((folder / MANIFEST_FILE).read_text())["files"]]
+    except (OSError, ValueError, KeyError, TypeError):
         return [MANIFEST_FILE]
-    bad = []
-    for entry in manifest["files"]:
-        file = folder / entry["path"]
-        if not file.is_file() or file.stat().st_size != entry["bytes"] or sha256_file(file) != entry["sha256"]:
-            bad.append(entry["path"])
-    return bad
+    return mismatched_files(folder, [entry for entry in entries if only is None or entry.path in only])
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -151,12 +144,12 @@ def load_checkpoint(
     checkpoint_dir: str | Path, map_location: str | torch.device = "cpu", verify: bool = True, optimizer: bool = True
 ) -> Checkpoint:
     """Read a checkpoint folder. `verify` checks the sha256 sums first (skip it only
-    right after `latest_checkpoint`, which already did); `optimizer=False` skips the
-    optimizer state, which evaluation and sampling do not need."""
+    right after `latest_checkpoint`, which already did); `optimizer=False` neither reads nor
+    checks the optimizer state, which evaluation and sampling do not need."""
     folder = Path(checkpoint_dir)
     if not (folder / MANIFEST_FILE).is_file():
         raise CheckpointError(f"{folder} is not a complete checkpoint (no {MANIFEST_FILE}); pass a runs/<name>/checkpoints/step_N folder")
-    if verify and (bad := damaged_files(folder)):
+    if verify and (bad := damaged_files(folder, None if optimizer else (MODEL_FILE, STATE_FILE))):
         raise CheckpointError(f"checkpoint {folder} is damaged ({', '.join(bad)} does not match the manifest); use an earlier step")
     state = json.loads((folder / STATE_FILE).read_text())
     model_state = strip_wrapper_prefixes(torch.load(folder / MODEL_FILE, map_location=map_location, weights_only=True))

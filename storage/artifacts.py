@@ -129,6 +129,16 @@ def list_files(folder: Path) -> list[FileEntry]:
     return entries
 
 
+def mismatched_files(folder: Path, entries: list[FileEntry]) -> list[str]:
+    """Paths of the entries whose file is missing or no longer has its recorded size and sha256."""
+    bad = []
+    for entry in entries:
+        file = folder / entry.path
+        if not file.is_file() or file.stat().st_size != entry.bytes or sha256_file(file) != entry.sha256:
+            bad.append(entry.path)
+    return bad
+
+
 class ArtifactStore:
     """Versioned, atomically published stage outputs under one root folder."""
 
@@ -204,14 +214,7 @@ class ArtifactStore:
 
     def verify(self, stage: str, version: str) -> list[str]:
         """Files whose size or sha256 no longer match the manifest (empty when intact)."""
-        manifest = self.manifest(stage, version)
-        folder = self.path(stage, version)
-        bad = []
-        for entry in manifest.files:
-            file = folder / entry.path
-            if not file.is_file() or file.stat().st_size != entry.bytes or sha256_file(file) != entry.sha256:
-                bad.append(entry.path)
-        return bad
+        return mismatched_files(self.path(stage, version), self.manifest(stage, version).files)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
