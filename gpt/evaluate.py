@@ -31,9 +31,9 @@ from configs.schema import EvalConfig
 from gpt.checkpoint import load_model
 from gpt.data import ShardDataset
 from gpt.model import GPT
+from gpt.tokenize_worker import EOT  # <|endoftext|>
 from gpt.train import resolve_device, resolve_dtype
 
-EOT = 50256
 
 
 class EvalError(ValueError):

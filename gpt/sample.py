@@ -13,9 +13,9 @@ import torch
 
 from configs.schema import SampleConfig
 from gpt.checkpoint import load_model
+from gpt.tokenize_worker import EOT  # <|endoftext|>
 from gpt.train import resolve_device, resolve_dtype
 
-EOT = 50256
 
 
 def sample(checkpoint_dir: str | Path, sample_config: SampleConfig, device: str = "auto") -> list[str]:

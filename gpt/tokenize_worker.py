@@ -79,7 +79,7 @@ def _read_exactly(stream: Any, size: int, end_ok: bool = False) -> bytes | None:
         return data
     if end_ok and not data:
         return None
-    raise EOFError(f"tokenize worker: expected {size} bytes from the parent, got {len(data)}")
+    raise EOFError(f"tokenize worker pipe: expected {size} bytes, got {len(data)}")
 
 
 def main() -> None:

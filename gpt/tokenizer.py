@@ -47,7 +47,7 @@ from storage.shards import write_shard
 if TYPE_CHECKING:  # only the type: the tokenizer reads the config's fields and imports no config code
     from configs.schema import TokenizeConfig
 
-EOT = 50256  # <|endoftext|>, written before every document
+EOT = tokenize_worker.EOT  # <|endoftext|>, written before every document
 N_VOCAB = 50257
 TOKEN_COUNT_COLUMN = "token_count"  # FineWeb's GPT-2 count per document (no EOT)
 BATCH_ROWS = 256  # documents per job (~0.4 M tokens of FineWeb, ~0.1 s): big enough to amortise a pipe round trip, small enough to balance the last jobs
@@ -195,8 +195,6 @@ class _HelperProcess:
     ~0.1 s and runs nothing of the caller's (a fork would copy a caller's threads mid-flight;
     multiprocessing's spawn would import the caller's __main__, e.g. Prefect's engine)."""
 
-    _HEADER = struct.Struct("=QQ")
-
     def __init__(self) -> None:
         self.errors = tempfile.TemporaryFile()  # a file, not a pipe: a chatty helper cannot block
         self.process = subprocess.Popen(
@@ -212,11 +210,11 @@ class _HelperProcess:
                 stdin.write(struct.pack("=Q", len(arguments)) + arguments)
                 self.started = True
             count = len(job.rows)
-            stdin.write(self._HEADER.pack(count, len(job.data)))
+            stdin.write(tokenize_worker._HEADER.pack(count, len(job.data)))
             stdin.write(job.starts.astype(np.int64).tobytes() + job.ends.astype(np.int64).tobytes())
             stdin.write(job.data)
             stdin.flush()
-            answer_count, tokens = self._HEADER.unpack(self._read(self._HEADER.size))
+            answer_count, tokens = tokenize_worker._HEADER.unpack(self._read(tokenize_worker._HEADER.size))
             if answer_count != count:
                 raise TokenizeError(f"tokenizer worker process {self.process.pid} answered {answer_count} texts for {count}")
             lengths = np.frombuffer(self._read(4 * count), np.uint32)
@@ -227,10 +225,7 @@ class _HelperProcess:
             raise TokenizeError(self._failure()) from None
 
     def _read(self, size: int) -> bytes:
-        data = self.process.stdout.read(size)
-        if len(data) != size:
-            raise EOFError
-        return data
+        return tokenize_worker._read_exactly(self.process.stdout, size)
 
     def _failure(self) -> str:
         code = self.process.wait()

@@ -317,6 +317,22 @@ def _fmt(value: float | None) -> str:
     return f"{value:.4f}" if value is not None else "n/a"
 
 
+def _metric_lines(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(line, event) for each whole line of a metrics file; a line torn by a kill is skipped."""
+    if not path.exists():
+        return
+    for line in path.read_text().splitlines():
+        try:
+            yield line, json.loads(line)
+        except ValueError:
+            continue
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The events of a metrics.jsonl, oldest first (none when it does not exist)."""
+    return [event for _, event in _metric_lines(path)]
+
+
 def trim_metrics(path: Path, step: int) -> None:
     """Keep only the history that led to the checkpoint at `step`: drop train events of
     iterations >= step, eval/checkpoint events after step, and a line torn by a kill.
@@ -324,11 +340,7 @@ def trim_metrics(path: Path, step: int) -> None:
     if not path.exists():
         return
     kept = []
-    for line in path.read_text().splitlines():
-        try:
-            event = json.loads(line)
-        except ValueError:
-            continue
+    for line, event in _metric_lines(path):
         iteration = event.get("iter")
         if iteration is None or (event["event"] == "train" and iteration < step) or (event["event"] != "train" and iteration <= step):
             kept.append(line)

@@ -281,7 +281,7 @@ def _retrying(url: str, attempts: int, backoff_s: float, action: Callable[[], An
 def _check_status(url: str, status: int, reason: str, headers: Any) -> None:
     if status < 400:
         return
-    if status in TRANSIENT_STATUS or status >= 500:
+    if _is_transient_status(status):
         raise _Transient(f"{url}: HTTP {status} {reason}", _retry_after(headers.get("Retry-After")))
     hint = " (the server refuses access: the URL is private or needs a token)" if status in (401, 403) else ""
     raise DownloadError(f"{url}: HTTP {status} {reason}{hint} — check data.source")
@@ -308,12 +308,16 @@ def _classify(url: str, exc: BaseException) -> Exception:
         status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
     message = f"{url}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     if isinstance(status, int):
-        if status in TRANSIENT_STATUS or status >= 500:
+        if _is_transient_status(status):
             return _Transient(message)
         return DownloadError(f"{message} — check data.source")
     if _is_network_error(exc):
         return _Transient(message)
     return DownloadError(message)
+
+
+def _is_transient_status(status: int) -> bool:
+    return status in TRANSIENT_STATUS or status >= 500
 
 
 def _is_network_error(exc: BaseException) -> bool:

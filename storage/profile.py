@@ -18,7 +18,7 @@ from typing import Any
 
 import duckdb
 
-from storage.fs import filesystem, protocol_of
+from storage.fs import filesystem, local_path, protocol_of
 from storage.markdown import human_bytes, markdown_table
 
 
@@ -55,7 +55,7 @@ def profile_parquet(
         for url in urls:
             if protocol_of(url) != "file":  # DuckDB reads other URLs through fsspec
                 con.register_filesystem(filesystem(url)[0])
-        paths = [url if protocol_of(url) != "file" else os.path.abspath(url.removeprefix("file://")) for url in urls]
+        paths = [url if protocol_of(url) != "file" else local_path(url) for url in urls]
         source = "read_parquet($files, union_by_name = true, utf8_validation = 'replace')"
         try:
             columns = dict(con.execute(f"SELECT column_name, column_type FROM (DESCRIBE SELECT * FROM {source})", {"files": paths}).fetchall())
@@ -222,7 +222,7 @@ def _by_count(counts: dict[Any, int] | None) -> dict[str, int]:
 
 def _size(url: str) -> int:
     if protocol_of(url) == "file":
-        return os.path.getsize(url.removeprefix("file://"))
+        return os.path.getsize(local_path(url))
     fs, path = filesystem(url)
     return int(fs.size(path) or 0)
 

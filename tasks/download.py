@@ -27,7 +27,7 @@ def plan_download(data: DataConfig, store: ArtifactStore) -> tuple[str, list[str
 
     Returns the artifact version, the concrete URLs and their fingerprints.
     """
-    urls = [resolve_demo_source(source, store.root) if source.startswith("demo://") else source for source in data.sources]
+    urls = [resolve_demo_source(source, store.root) for source in data.sources]  # other URLs pass through
     urls = expand_sources(urls)
     fingerprints = [source_fingerprint(url) for url in urls]
     version = stable_hash({"sources": fingerprints, "max_rows": data.max_rows, "code": code_version(CODE)})

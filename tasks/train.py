@@ -19,7 +19,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 
 from configs import PipelineConfig, describe
 from gpt.checkpoint import latest_checkpoint
-from gpt.train import METRICS_FILE, describe_event
+from gpt.train import METRICS_FILE, describe_event, read_metrics
 from gpt.train import train as train_gpt
 from storage.artifacts import ArtifactStore
 from tasks.charts import line_chart_svg, markdown_image
@@ -96,13 +96,6 @@ def model_card(config: PipelineConfig, train_tokens: int | None) -> str:
     return f"# Model card: {config.name} / {config.run_name}\n\n{describe(config)}\n\n{markdown_table(rows)}\n"
 
 
-def read_metrics(folder: Path) -> list[dict[str, Any]]:
-    file = folder / METRICS_FILE
-    if not file.exists():
-        return []
-    return [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
-
-
 def _train_with_torchrun(config: PipelineConfig, data_dir: Path, folder: Path) -> dict[str, Any]:
     """Launch `torchrun -m gpt.train` for several processes, streaming its output into the task's logs."""
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
@@ -175,7 +168,7 @@ def training_curves(folder: Path, curve: list[dict[str, Any]]) -> str:
 
 
 def publish_training_artifacts(config: PipelineConfig, folder: Path, result: dict[str, Any], ui_name: str) -> None:
-    metrics = read_metrics(folder)
+    metrics = read_metrics(folder / METRICS_FILE)
     curve = [
         {"iter": m["iter"], "train_loss": m.get("loss"), "val_loss": m.get("val_loss"), "lr": m.get("lr"),
          "ms_per_iter": m.get("ms_per_iter"), "tokens_per_sec": m.get("tokens_per_sec"), "mfu": m.get("mfu")}
