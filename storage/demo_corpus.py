@@ -29,6 +29,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from storage.artifacts import atomic_file
+
 DEMO_URL = "demo://python-docs"
 FILE_NAME = "demo_corpus_python_docs.parquet"
 DUMP = "demo-python-docs"
@@ -90,14 +92,8 @@ def build_demo_corpus(dest: Path) -> Path:
     if _stored_hash(path) == content_hash:
         return path
     table = pa.Table.from_pylist(rows, schema=_schema(content_hash))
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
+    with atomic_file(path) as tmp:
         pq.write_table(table, tmp, row_group_size=ROW_GROUP_ROWS, compression="zstd")
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -9,10 +9,11 @@ Each document in a shard is preceded by `<|endoftext|>` (50256).
 from __future__ import annotations
 
 import os
-import uuid
 from pathlib import Path
 
 import numpy as np
+
+from storage.artifacts import atomic_file
 
 MAGIC = 20240520
 VERSION = 1
@@ -32,14 +33,9 @@ def write_shard(path: str | os.PathLike, tokens: np.ndarray) -> None:
         raise ShardError(f"{path}: token ids must fit in uint16 (0..65535)")
     header = np.zeros(HEADER_INTS, dtype="<i4")
     header[0], header[1], header[2] = MAGIC, VERSION, tokens.size
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "wb") as handle:
+    with atomic_file(Path(path)) as tmp, open(tmp, "wb") as handle:
         handle.write(header.tobytes())
         handle.write(tokens.astype(TOKEN_DTYPE, copy=False).tobytes())
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def read_header(path: str | os.PathLike) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from storage.artifacts import ArtifactError, ArtifactStore, stable_hash
+from storage.artifacts import ArtifactError, ArtifactStore, atomic_file, stable_hash, write_text_atomic
 
 
 def test_version_is_a_stable_hash_of_the_inputs():
@@ -58,3 +58,16 @@ def test_root_that_is_a_file_is_a_one_line_error(tmp_path):
     blocker.write_text("")
     with pytest.raises(ArtifactError, match="storage.root"):
         ArtifactStore(blocker / "root").ensure_writable()
+
+
+def test_atomic_file_replaces_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "state.json"
+    write_text_atomic(target, "old")
+    with pytest.raises(RuntimeError):
+        with atomic_file(target) as tmp:
+            tmp.write_text("half of the new")
+            raise RuntimeError("killed mid-write")
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]
+    with atomic_file(target) as tmp:
+        tmp.write_text("new")
+    assert target.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]
