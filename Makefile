@@ -3,9 +3,11 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
-# keep in step with pyproject.toml
-TORCH_VERSION := 2.13.0
+# cpu, cu126, cu128 or cu130: TORCH_VARIANT when given, else what nvidia-smi says (tools/torch_variant.py).
+# The stamp names the variant, so a venv built for another one is rebuilt.
+export TORCH_VARIANT
+DETECTED_TORCH_VARIANT := $(shell TORCH_VARIANT='$(TORCH_VARIANT)' $(PYTHON) tools/torch_variant.py)
+STAMP := $(VENV)/.installed-torch-$(DETECTED_TORCH_VARIANT)
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 
@@ -14,16 +16,17 @@ export DO_NOT_TRACK ?= 1
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml tools/torch_variant.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	@# torch's CPU build first: left to the resolver, torch==2.13.0 may come as the ~2.8 GB CUDA build
-	$(PY) -m pip install --quiet 'torch==$(TORCH_VERSION)+cpu' \
-	  || $(PY) -m pip install --quiet 'torch==$(TORCH_VERSION)+cpu' --extra-index-url https://download.pytorch.org/whl/cpu
+	@# the torch build first: left to the resolver, torch==X comes as PyPI's ~3 GB CUDA build on any machine
+	$(PYTHON) tools/torch_variant.py install --python $(PY)
 	$(PY) -m pip install --quiet -e '.[dev]'
+	@rm -f $(VENV)/.installed $(VENV)/.installed-torch-*
 	@touch $(STAMP)
 
-venv: $(STAMP)  ## create or refresh .venv (torch CPU build pinned)
+venv: $(STAMP)  ## create or refresh .venv; torch's CUDA build where nvidia-smi answers, else CPU (TORCH_VARIANT=cpu|cu126|cu128|cu130)
+	@echo "torch: the $(DETECTED_TORCH_VARIANT) build in $(VENV)"
 
 demo: venv  ## run the whole pipeline offline on configs/demo.yaml
 	$(PY) -m flows.fineweb_pretrain --config configs/demo.yaml
