@@ -15,11 +15,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
+from configs.errors import UserError
+
 PRESETS_DIR = Path(__file__).resolve().parent
 STORAGE_ROOT_ENV = "FWP_STORAGE_ROOT"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config file or override that cannot be used; the message is one line."""
 
 

@@ -18,12 +18,16 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from configs import PipelineConfig, PipelineOverrides, describe, load_config, nest_overrides, parse_overrides
+from configs.errors import TransientError, UserError
+from gpt.checkpoint import checkpoint_identity
 from storage.artifacts import ArtifactStore
+from storage.versions import plan_download, plan_evaluate, plan_profile, plan_sample, plan_tokenize
 from tasks.common import run_cached_stage
-from tasks.download import download, plan_download
-from tasks.evaluate import evaluate, plan_evaluate, plan_sample, sample
-from tasks.profile import plan_profile, profile
-from tasks.tokenize import plan_tokenize, tokenize
+from tasks.download import download
+from tasks.evaluate import evaluate
+from tasks.profile import profile
+from tasks.sample import sample
+from tasks.tokenize import tokenize
 from tasks.train import checkpointed_iteration, train
 
 Stage = Literal["download", "profile", "tokenize", "train", "evaluate", "sample"]
@@ -67,8 +71,8 @@ def run_pipeline(cfg: PipelineConfig, until: Stage | None = None, continue_run: 
     if continue_run:
         reached = checkpointed_iteration(store, cfg)
         if reached is None:
-            raise ValueError(f"run {cfg.run_name} has no checkpoint under {store.root / 'runs'} to continue; "
-                             "run the pipeline once without continue_run first")
+            raise UserError(f"run {cfg.run_name} has no checkpoint under {store.root / 'runs'} to continue; "
+                            "run the pipeline once without continue_run first")
         if reached >= cfg.train.max_iters:
             print(f"run {cfg.run_name} is already at iteration {reached} (train.max_iters {cfg.train.max_iters}); nothing to do")
             summary.update(already_complete=True, iterations=reached)
@@ -80,8 +84,9 @@ def run_pipeline(cfg: PipelineConfig, until: Stage | None = None, continue_run: 
             print(f"{stage}: cache hit, artifact {ref['version']} reused ({ref['path']})")
         return until == stage
 
-    download_version, urls, fingerprints = plan_download(cfg.data, store)
-    raw, hit = run_cached_stage(download, store, download_version, urls=urls, fingerprints=fingerprints, data=cfg.data, ui_name=ui)
+    planned = plan_download(cfg.data, store.root)
+    raw, hit = run_cached_stage(download, store, planned.version, urls=planned.urls, fingerprints=planned.fingerprints,
+                                data=cfg.data, ui_name=ui)
     if record("download", raw, hit):
         return summary
 
@@ -102,13 +107,13 @@ def run_pipeline(cfg: PipelineConfig, until: Stage | None = None, continue_run: 
     if record("train", {"version": cfg.run_name, "path": checkpoint}, None):
         return summary
 
-    scored, hit = run_cached_stage(evaluate, store, plan_evaluate(checkpoint, shards["version"], cfg.eval),
+    scored, hit = run_cached_stage(evaluate, store, plan_evaluate(checkpoint_identity(checkpoint), shards["version"], cfg.eval),
                                    checkpoint=checkpoint, tokenize_ref=shards, config=cfg.eval, ui_name=ui)
     summary["eval"] = scored["metrics"]
     if record("evaluate", scored, hit):
         return summary
 
-    samples, hit = run_cached_stage(sample, store, plan_sample(checkpoint, cfg.sample),
+    samples, hit = run_cached_stage(sample, store, plan_sample(checkpoint_identity(checkpoint), cfg.sample),
                                     checkpoint=checkpoint, config=cfg.sample, ui_name=ui)
     record("sample", samples, hit)
     return summary
@@ -126,12 +131,27 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, overrides)  # fail fast on a bad config or storage root, before Prefect starts
         ArtifactStore(cfg.storage.root).ensure_writable()
         summary = fineweb_pretrain(config=args.config, overrides=overrides, until=args.until)
-    except Exception as exc:  # every stage raises one-line errors; show just that line
+    except (UserError, TransientError) as exc:  # one line; anything else is a bug and keeps its traceback
+        stop_temporary_server()
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
+    stop_temporary_server()
     print_where_to_look(summary)
     print(json.dumps(summary, default=str), flush=True)
     return 0
+
+
+def stop_temporary_server() -> None:
+    """Send the last logs and events, then stop the temporary Prefect server this process
+    started (if it did), so that its goodbye line comes before the summary, not after it."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.server.api.server import SubprocessASGIServer
+
+    APILogWorker.drain_all(timeout=15)
+    EventsWorker.drain_all(timeout=15)
+    for server in list(SubprocessASGIServer._instances.values()):  # Prefect keeps one per port; atexit stops them otherwise
+        server.stop()
 
 
 def print_where_to_look(summary: dict[str, Any]) -> None:

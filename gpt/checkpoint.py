@@ -27,9 +27,10 @@ from typing import Any
 
 import torch
 
+from configs.errors import UserError
 from configs.schema import ModelConfig
 from gpt.model import GPT, GPTConfig, strip_wrapper_prefixes, unwrap_model
-from storage.artifacts import FileEntry, list_files, mismatched_files, publish_folder, write_json_atomic
+from storage.artifacts import FileEntry, list_files, mismatched_files, publish_folder, sha256_file, write_json_atomic
 
 CHECKPOINTS = "checkpoints"
 MODEL_FILE = "model.pt"
@@ -42,7 +43,7 @@ TEMPORARY_PATTERN = re.compile(r"^\.step_\d+\.tmp-[0-9a-f]+$")
 logger = logging.getLogger(__name__)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be read; the message is one line."""
 
 
@@ -102,6 +103,11 @@ def _save_torch(obj: Any, path: Path) -> None:
         torch.save(obj, handle)
         handle.flush()
         os.fsync(handle.fileno())
+
+
+def checkpoint_identity(checkpoint_dir: str | Path) -> str:
+    """What identifies a checkpoint's content: its manifest, which holds the checksum of every file."""
+    return sha256_file(Path(checkpoint_dir) / MANIFEST_FILE)[:16]
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:

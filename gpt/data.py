@@ -22,12 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from configs.errors import UserError
 from storage.shards import read_shard
 
 SPLITS = ("train", "val")
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Token shards that cannot be used for training; the message is one line."""
 
 

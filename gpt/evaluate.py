@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from configs.errors import UserError
 from configs.schema import EvalConfig
 from gpt.checkpoint import load_model
 from gpt.data import ShardDataset
@@ -36,7 +37,7 @@ from gpt.train import resolve_device, resolve_dtype
 
 
 
-class EvalError(ValueError):
+class EvalError(UserError):
     """Evaluation input that cannot be used; the message is one line."""
 
 

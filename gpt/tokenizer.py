@@ -41,6 +41,7 @@ import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 from tiktoken_ext.openai_public import r50k_pat_str
 
+from configs.errors import UserError
 from gpt import tokenize_worker
 from storage.shards import write_shard
 
@@ -60,7 +61,7 @@ GPT2_FILE_SHA256 = {
 }
 
 
-class TokenizeError(ValueError):
+class TokenizeError(UserError):
     """Input the tokenizer or the tokenize stage cannot use; the message is one line."""
 
 

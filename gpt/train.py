@@ -1,8 +1,11 @@
 """The trainer: nanoGPT's training loop with exact resume, LR continuation and DDP.
 
 In-process:  train(config, data_dir, run_dir, on_event) -> summary dict
-CLI:         python -m gpt.train --config configs/demo.yaml --data-dir SHARDS [--set k=v ...] [--run-dir DIR]
-Multi-GPU:   torchrun --nproc_per_node 8 -m gpt.train --config ... --data-dir ...
+CLI:         python -m gpt.train --config configs/demo.yaml [--data-dir SHARDS] [--set k=v ...] [--run-dir DIR]
+Multi-GPU:   torchrun --nproc_per_node 8 -m gpt.train --config ... [--data-dir ...]
+
+Without --data-dir the CLI trains on the tokenize artifact that the flow would use for
+the same config (same versions, computed by storage.versions), or says how to make it.
 
 One iteration = one optimizer step over `train.grad_accum_steps` micro-batches of
 `train.batch_size` sequences, split across the processes of a DDP job. Every
@@ -29,6 +32,7 @@ import math
 import os
 import platform
 import random
+import shlex
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -42,10 +46,11 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from configs.schema import ConfigError, ModelConfig, PipelineConfig, describe, load_config
+from configs.errors import TransientError, UserError
+from configs.secrets import redact
+from configs.schema import ModelConfig, PipelineConfig, describe, load_config
 from gpt.checkpoint import (
     Checkpoint,
-    CheckpointError,
     checkpoints_dir,
     latest_checkpoint,
     load_checkpoint,
@@ -53,15 +58,14 @@ from gpt.checkpoint import (
     save_checkpoint,
     step_name,
 )
-from gpt.data import DataError, ShardDataset, TrainLoader
+from gpt.data import ShardDataset, TrainLoader
 from gpt.flops import mfu, peak_flops
 from gpt.model import GPT, GPTConfig
 from gpt.schedule import Schedule
-from storage.artifacts import code_version, write_text_atomic
-from storage.shards import ShardError
+from storage.artifacts import ArtifactStore, write_text_atomic
+from storage.versions import plan_download, plan_tokenize, stage_code_version
 
 METRICS_FILE = "metrics.jsonl"
-CODE_FILES = ["gpt/model.py", "gpt/data.py", "gpt/schedule.py", "gpt/checkpoint.py", "gpt/train.py"]
 # Model settings that must match to resume a run (dropout may change between sessions).
 ARCHITECTURE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")
 # Train settings that shape the LR schedule; on resume the checkpoint's schedule wins.
@@ -71,11 +75,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 logger = logging.getLogger(__name__)
 
 
-class TrainError(ValueError):
+class TrainError(UserError):
     """A training run that cannot start with these settings; the message is one line."""
 
 
-class TrainingDiverged(FloatingPointError):
+class TrainingDiverged(UserError):
     """The loss, gradients or weights became NaN/inf; nothing from that iteration was saved."""
 
 
@@ -465,6 +469,11 @@ def train(
     try:
         with reuse_freed_memory(runtime.device.type == "cpu"):
             return _train(config, Path(data_dir), Path(run_dir), runtime, on_event)
+    except torch.OutOfMemoryError:  # the same again would fail the same way: the user's to change
+        raise TrainError(
+            f"out of memory on {runtime.device} with train.batch_size={tc.batch_size} × model.block_size="
+            f"{config.model.block_size}; lower train.batch_size and raise train.grad_accum_steps (tokens/iter stay the same)"
+        ) from None
     finally:
         if runtime.owns_process_group:
             dist.destroy_process_group()
@@ -508,6 +517,7 @@ def _train(
     events.emit(
         "start",
         run_dir=str(run_dir),
+        data_dir=str(data_dir),
         params=params,
         flops_per_token=flops_per_token,
         tokens_per_iter=tokens_per_iter,
@@ -682,8 +692,8 @@ def _save(
         "rng": rng_state(),
         "grad_scaler": scaler.state_dict() if scaler.is_enabled() else None,
         "world_size": runtime.world_size,
-        "config": config.model_dump(mode="json"),
-        "code_version": code_version(CODE_FILES),
+        "config": redact(config.model_dump(mode="json")),  # a source URL may hold a password
+        "code_version": stage_code_version("train"),
     }
     return save_checkpoint(run_dir, step, model, optimizer, state, config.train.keep_last_checkpoints)
 
@@ -735,7 +745,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gpt.train", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="demo", help="a YAML file or preset name (default: demo)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.max_iters=100")
-    parser.add_argument("--data-dir", required=True, type=Path, help="folder with train_*.bin and val_*.bin shards")
+    parser.add_argument("--data-dir", type=Path,
+                        help="folder with train_*.bin and val_*.bin shards (default: the tokenize artifact of this config)")
     parser.add_argument("--run-dir", type=Path, help="default: <storage.root>/runs/<run_name>")
     args = parser.parse_args(argv)
 
@@ -745,14 +756,29 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config, args.set)
         if is_main:
             print(describe(config), flush=True)
+        data_dir = args.data_dir or tokenized_data_dir(config, args.config, args.set)
         run_dir = args.run_dir or Path(config.storage.root) / "runs" / config.run_name
-        summary = train(config, args.data_dir, run_dir)
-    except (ConfigError, DataError, ShardError, CheckpointError, TrainError, TrainingDiverged) as exc:
+        summary = train(config, data_dir, run_dir)
+    except (UserError, TransientError) as exc:  # one line; anything else is a bug and keeps its traceback
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 1
     if is_main:
         print(json.dumps(summary), flush=True)
     return 0
+
+
+def tokenized_data_dir(config: PipelineConfig, config_arg: str, overrides: list[str]) -> Path:
+    """The tokenize artifact the flow trains this config on (the same versions), or a
+    TrainError naming the command that makes it."""
+    store = ArtifactStore(config.storage.root)
+    download = plan_download(config.data, store.root)
+    version = plan_tokenize(download.version, config.data, config.tokenize)
+    if store.exists("tokenize", version):
+        return store.path("tokenize", version)
+    command = ["python", "-m", "flows.fineweb_pretrain", "--config", config_arg]
+    command += [part for item in overrides for part in ("--set", item)] + ["--until", "tokenize"]
+    raise TrainError(f"no tokenized data for this config under {store.root} yet (tokenize/{version}); "
+                     f"make it with: {shlex.join(command)}  (or pass --data-dir)")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,11 +26,14 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, Field
 
+from configs.errors import UserError
+from configs.secrets import redact
+
 MANIFEST = "manifest.json"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
-class ArtifactError(RuntimeError):
+class ArtifactError(UserError):
     """The artifact store cannot be written or read; the message is one line."""
 
 
@@ -75,15 +78,6 @@ def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
         while chunk := handle.read(chunk_bytes):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def code_version(modules: Iterable[str]) -> str:
-    """Hash of the source files (relative to the project root) that implement a stage."""
-    digest = hashlib.sha256()
-    for module in sorted(modules):
-        digest.update(module.encode())
-        digest.update((PROJECT_ROOT / module).read_bytes())
-    return digest.hexdigest()[:12]
 
 
 def fsync_dir(path: Path) -> None:
@@ -194,7 +188,8 @@ class ArtifactStore:
         """Run `build(tmp_dir) -> metrics`, then checksum, write the manifest and rename into place.
 
         If the version already exists it is returned untouched. On any error the
-        temporary folder is removed and nothing published before is changed.
+        temporary folder is removed and nothing published before is changed. Credentials
+        in inputs, config and metrics (a source URL's password, say) are redacted.
         """
         if self.exists(stage, version):
             return self.manifest(stage, version)
@@ -204,8 +199,8 @@ class ArtifactStore:
 
         def fill(folder: Path) -> Manifest:
             metrics = build(folder) or {}
-            manifest = Manifest(stage=stage, version=version, inputs=inputs or {}, config=config or {},
-                                code_version=code, files=list_files(folder), metrics=metrics)
+            manifest = Manifest(stage=stage, version=version, inputs=redact(inputs or {}), config=redact(config or {}),
+                                code_version=code, files=list_files(folder), metrics=redact(metrics))
             write_json_atomic(folder / MANIFEST, manifest.model_dump())
             return manifest
 

@@ -29,6 +29,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from configs.errors import UserError
 from storage.artifacts import atomic_file
 
 DEMO_URL = "demo://python-docs"
@@ -68,7 +69,7 @@ MODULES = sorted(
 )
 
 
-class DemoCorpusError(ValueError):
+class DemoCorpusError(UserError):
     """A demo:// URL that names no known corpus; the message is one line."""
 
 

@@ -22,37 +22,42 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import aiohttp  # fsspec's http backend: its errors are network errors worth retrying
 import pyarrow as pa
 import pyarrow.parquet as pq
 import requests  # one streamed, resumable GET for http(s); fsspec would cut it into range reads
 
+from configs.errors import TransientError, UserError
 from storage.artifacts import sha256_file
-from storage.fs import SourceError, filesystem, protocol_of, source_fingerprint
+from storage.fs import (
+    HTTP_TIMEOUT_S,
+    SourceUnreachable,
+    auth_headers,
+    filesystem,
+    protocol_of,
+    source_failure,
+    source_fingerprint,
+)
 
 CHUNK_BYTES = 8 << 20  # one ranged read per chunk from object stores; a dropped connection loses at most this
 ATTEMPTS = 5
 BACKOFF_S = 0.5  # first retry waits this long, then twice as long each time
 MAX_RETRY_AFTER_S = 60.0
 PARQUET_MAGIC = b"PAR1"
-TRANSIENT_STATUS = {408, 425, 429, 500, 502, 503, 504}
-HTTP_TIMEOUT_S = (15, 60)  # connect, read
-# Network failures of object-store clients that are not OSErrors (botocore's, urllib3's), by class name
-# so that no optional backend has to be imported to recognise them.
-TRANSIENT_ERROR_NAMES = {
-    "ResponseStreamingError", "IncompleteRead", "ProtocolError", "ReadTimeoutError", "ConnectTimeoutError",
-    "EndpointConnectionError", "ConnectionClosedError", "ReadTimeout", "ConnectTimeout",
-}
 
 Progress = Callable[[int, int], None]
 
 
-class DownloadError(RuntimeError):
-    """A source that cannot be copied; the message is one line and names the URL and the fix."""
+class DownloadError(UserError):
+    """A source that cannot be copied as given (missing, refused, not parquet); one line naming the URL and the fix."""
+
+
+class DownloadFailed(TransientError):
+    """A download that failed for a reason that may pass (the network, the server, a source that
+    changed while it was read), after this module's own retries; running again resumes it."""
 
 
 class _Transient(Exception):
-    """A failure worth retrying (dropped connection, 5xx, 429), with the server's Retry-After if any."""
+    """A failure worth retrying now (dropped connection, 5xx, 429), with the server's Retry-After if any."""
 
     def __init__(self, message: str, retry_after: float | None = None):
         super().__init__(message)
@@ -76,6 +81,7 @@ def download_sources(
     max_rows: int | None = None,
     progress: Progress | None = None,
     *,
+    fingerprints: list[dict[str, Any]] | None = None,
     attempts: int = ATTEMPTS,
     backoff_s: float = BACKOFF_S,
     chunk_bytes: int = CHUNK_BYTES,
@@ -84,13 +90,16 @@ def download_sources(
 
     progress(done, total) counts bytes for whole-file copies and rows when max_rows is
     set. With max_rows, sources after the one that reaches max_rows are not read.
-    Pass a dest_dir that survives a failed run to resume its `.partial` files next time.
+    Pass a dest_dir that survives a failed run to resume its `.partial` files next time,
+    and the sources' fingerprints when they were just taken (the version was made from
+    them: the copy is checked against exactly those).
     """
     if not urls:
         raise DownloadError("no sources to download; check data.source")
     dest_dir = Path(dest_dir)
     dest_dir.mkdir(parents=True, exist_ok=True)
-    fingerprints = [source_fingerprint(url) for url in urls]  # fails fast on a missing source
+    if fingerprints is None:
+        fingerprints = [source_fingerprint(url) for url in urls]  # fails fast on a missing source
     names = local_names(urls)
     entries = []
     if max_rows is None:
@@ -145,13 +154,13 @@ def _download_whole(
     try:
         size = partial.stat().st_size
         if fingerprint["size"] is not None and size != fingerprint["size"]:
-            raise DownloadError(f"{url}: got {size} bytes but the source has {fingerprint['size']}; run the download again")
+            raise DownloadFailed(f"{url}: got {size} bytes but the source has {fingerprint['size']}; run the download again")
         _check_parquet_magic(url, partial)
         sha256 = sha256_file(partial)
         if fingerprint.get("sha256") and sha256 != fingerprint["sha256"]:
-            raise DownloadError(f"{url}: sha256 {sha256} differs from the published {fingerprint['sha256']}; run the download again")
+            raise DownloadFailed(f"{url}: sha256 {sha256} differs from the published {fingerprint['sha256']}; run the download again")
         metadata = _read_footer(url, partial)
-    except DownloadError:
+    except (DownloadError, DownloadFailed):
         partial.unlink(missing_ok=True)
         sidecar.unlink(missing_ok=True)
         raise
@@ -173,7 +182,7 @@ def _fetch_http(url: str, partial: Path, size: int | None, chunk_bytes: int, on_
     offset = partial.stat().st_size if partial.exists() else 0
     if size is not None and offset == size:
         return
-    headers = {"Accept-Encoding": "identity"}  # the bytes on the server, not a re-compressed stream
+    headers = {"Accept-Encoding": "identity", **auth_headers(url)}  # the bytes on the server, not a re-compressed stream
     if offset:
         headers["Range"] = f"bytes={offset}-"
     try:
@@ -181,7 +190,7 @@ def _fetch_http(url: str, partial: Path, size: int | None, chunk_bytes: int, on_
             if response.status_code == 416:  # the partial is longer than the source: it was another file
                 partial.unlink()
                 raise _Transient(f"{url}: the partial download does not match the source; starting over")
-            _check_status(url, response.status_code, response.reason, response.headers)
+            _check_status(url, response)
             if offset and response.status_code == 200:  # the server ignores Range: start over
                 offset = 0
             with open(partial, "r+b" if offset else "wb") as out:
@@ -270,7 +279,7 @@ def _retrying(url: str, attempts: int, backoff_s: float, action: Callable[[], An
             return action()
         except _Transient as exc:
             if attempt == attempts:
-                raise DownloadError(
+                raise DownloadFailed(
                     f"{url}: still failing after {attempts} attempts ({exc}); run again later — a .partial download is resumed"
                 ) from None
             delay = exc.retry_after if exc.retry_after is not None else backoff_s * 2 ** (attempt - 1)
@@ -278,13 +287,13 @@ def _retrying(url: str, attempts: int, backoff_s: float, action: Callable[[], An
     raise AssertionError("unreachable")
 
 
-def _check_status(url: str, status: int, reason: str, headers: Any) -> None:
-    if status < 400:
+def _check_status(url: str, response: requests.Response) -> None:
+    if response.status_code < 400:
         return
-    if _is_transient_status(status):
-        raise _Transient(f"{url}: HTTP {status} {reason}", _retry_after(headers.get("Retry-After")))
-    hint = " (the server refuses access: the URL is private or needs a token)" if status in (401, 403) else ""
-    raise DownloadError(f"{url}: HTTP {status} {reason}{hint} — check data.source")
+    failure = source_failure(url, requests.HTTPError(response.reason, response=response))
+    if isinstance(failure, SourceUnreachable):
+        raise _Transient(str(failure), _retry_after(response.headers.get("Retry-After")))
+    raise DownloadError(str(failure))
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -295,43 +304,11 @@ def _retry_after(value: str | None) -> float | None:
 
 
 def _classify(url: str, exc: BaseException) -> Exception:
-    """Map an fsspec/backend exception to _Transient (retry) or DownloadError (give up)."""
-    if isinstance(exc, SourceError):
-        return DownloadError(str(exc))
-    if isinstance(exc, FileNotFoundError):
-        return DownloadError(f"source not found: {url} — check data.source")
-    if isinstance(exc, PermissionError):
-        return DownloadError(f"{url}: permission denied — check data.source and your credentials")
-    response = getattr(exc, "response", None)
-    status = getattr(exc, "status", None) or getattr(exc, "status_code", None) or getattr(response, "status_code", None)
-    if isinstance(response, dict):  # botocore's ClientError: S3's 503 SlowDown is retried, 403 AccessDenied is not
-        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-    message = f"{url}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-    if isinstance(status, int):
-        if _is_transient_status(status):
-            return _Transient(message)
-        return DownloadError(f"{message} — check data.source")
-    if _is_network_error(exc):
-        return _Transient(message)
-    return DownloadError(message)
-
-
-def _is_transient_status(status: int) -> bool:
-    return status in TRANSIENT_STATUS or status >= 500
-
-
-def _is_network_error(exc: BaseException) -> bool:
-    """A dropped connection or timeout, raised directly or as the cause of a backend's own error."""
-    seen: BaseException | None = exc
-    for _ in range(6):  # the exception and a few of its causes
-        if seen is None:
-            return False
-        if isinstance(seen, (OSError, aiohttp.ClientError, requests.RequestException)):  # OSError: connection and timeout errors
-            return True
-        if any(kind.__name__ in TRANSIENT_ERROR_NAMES for kind in type(seen).__mro__):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
+    """A backend's exception as _Transient (retry now) or DownloadError (give up), by storage.fs's reading."""
+    failure = source_failure(url, exc)
+    if isinstance(failure, SourceUnreachable):
+        return _Transient(str(failure))
+    return DownloadError(str(failure))
 
 
 def _not_parquet(url: str, detail: str) -> DownloadError:

@@ -18,11 +18,12 @@ from typing import Any
 
 import duckdb
 
+from configs.errors import UserError
 from storage.fs import filesystem, local_path, protocol_of
 from storage.markdown import human_bytes, markdown_table
 
 
-class ProfileError(ValueError):
+class ProfileError(UserError):
     """Parquet files that cannot be profiled; the message is one line."""
 
 

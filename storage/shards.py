@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from configs.errors import UserError
 from storage.artifacts import atomic_file
 
 MAGIC = 20240520
@@ -22,7 +23,7 @@ HEADER_BYTES = HEADER_INTS * 4
 TOKEN_DTYPE = np.dtype("<u2")
 
 
-class ShardError(ValueError):
+class ShardError(UserError):
     """A file that is not a valid llm.c token shard; the message is one line."""
 
 

@@ -1,4 +1,4 @@
-"""What every stage task shares: the cache key, running a task with its cache state, UI keys.
+"""What every stage task shares: the cache key, the retry condition, running a task with its cache state, UI keys.
 
 A stage's Prefect cache key is its artifact version plus the storage root, so the same
 inputs give a `Cached` task run. When the artifact folder is gone (deleted by hand, or a
@@ -13,6 +13,7 @@ from typing import Any
 from prefect import Task
 from prefect.context import TaskRunContext
 
+from configs.errors import is_user_error
 from storage.artifacts import ArtifactStore, stable_hash
 from storage.markdown import human_bytes
 
@@ -28,6 +29,16 @@ def run_cached_stage(task: Task, store: ArtifactStore, version: str, **parameter
     state = task.with_options(refresh_cache=fresh)(store=store, version=version, return_state=True, **parameters)
     result = state.result()  # raises the task's error when it failed
     return result, state.name == "Cached"
+
+
+def retry_unless_user_error(task: Task, task_run: Any, state: Any) -> bool:
+    """The retry condition of every task that Prefect retries: a crash or a transient failure
+    is retried, a UserError (bad input: the same again would fail the same way) never is."""
+    try:
+        state.result()
+    except BaseException as error:
+        return not is_user_error(error)
+    return False
 
 
 def ui_key(*parts: str) -> str:

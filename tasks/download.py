@@ -11,31 +11,17 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
 from configs import DataConfig
-from storage.artifacts import ArtifactStore, code_version, stable_hash
-from storage.demo_corpus import resolve_demo_source
+from storage.artifacts import ArtifactStore
 from storage.download import download_sources
-from storage.fs import expand_sources, source_fingerprint
 from storage.markdown import human_bytes, markdown_table
+from storage.versions import stage_code_version
 from tasks.common import ProgressArtifact, ui_key, version_cache_key
 
 STAGE = "download"
-CODE = ("storage/download.py", "storage/fs.py")
 
 
-def plan_download(data: DataConfig, store: ArtifactStore) -> tuple[str, list[str], list[dict[str, Any]]]:
-    """Resolve the sources and fingerprint them (size + etag/mtime) without reading content.
-
-    Returns the artifact version, the concrete URLs and their fingerprints.
-    """
-    urls = [resolve_demo_source(source, store.root) for source in data.sources]  # other URLs pass through
-    urls = expand_sources(urls)
-    fingerprints = [source_fingerprint(url) for url in urls]
-    version = stable_hash({"sources": fingerprints, "max_rows": data.max_rows, "code": code_version(CODE)})
-    return version, urls, fingerprints
-
-
-@task(name=STAGE, retries=2, retry_delay_seconds=5, cache_key_fn=version_cache_key,
-      persist_result=True, result_serializer="json", log_prints=True)
+# No Prefect retries: storage.download retries each request with backoff and resumes partial files.
+@task(name=STAGE, cache_key_fn=version_cache_key, persist_result=True, result_serializer="json", log_prints=True)
 def download(store: ArtifactStore, version: str, urls: list[str], fingerprints: list[dict[str, Any]],
              data: DataConfig, ui_name: str) -> dict[str, Any]:
     """Copy every source into `<root>/download/<version>/data/`; partial files survive a crash."""
@@ -43,7 +29,7 @@ def download(store: ArtifactStore, version: str, urls: list[str], fingerprints: 
     progress = ProgressArtifact(f"download of {len(urls)} file(s)", unit="bytes" if data.max_rows is None else "rows")
 
     def build(folder: Path) -> dict[str, Any]:
-        files = download_sources(urls, incoming, max_rows=data.max_rows, progress=progress.update)
+        files = download_sources(urls, incoming, max_rows=data.max_rows, progress=progress.update, fingerprints=fingerprints)
         (folder / "data").mkdir()
         for entry in files:
             name = Path(entry["file"]).name
@@ -53,7 +39,7 @@ def download(store: ArtifactStore, version: str, urls: list[str], fingerprints: 
         return {"files": files, "bytes": sum(f["bytes"] for f in files), "rows": sum(f.get("rows") or 0 for f in files)}
 
     manifest = store.publish(STAGE, version, build, inputs={"sources": fingerprints},
-                             config=data.model_dump(), code=code_version(CODE))
+                             config=data.model_dump(), code=stage_code_version(STAGE))  # redacted by publish
     rows = [{"file": f["file"], "url": f["url"], "size": human_bytes(f["bytes"]), "rows": f.get("rows"), "sha256": f["sha256"][:16]}
             for f in manifest.metrics["files"]]
     create_markdown_artifact(

@@ -11,20 +11,14 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from configs import DataConfig, ProfileConfig
-from storage.artifacts import ArtifactStore, code_version, stable_hash
+from storage.artifacts import ArtifactStore
 from storage.profile import histogram_svg, profile_markdown, profile_parquet
+from storage.versions import stage_code_version
 from tasks.charts import markdown_image
 from tasks.common import ui_key, version_cache_key
 from tasks.download import parquet_files
 
 STAGE = "profile"
-CODE = ("storage/profile.py",)
-
-
-def plan_profile(download_version: str, data: DataConfig, profile: ProfileConfig) -> str:
-    return stable_hash({"download": download_version, "text_column": data.text_column,
-                        "profile": profile.model_dump(exclude={"memory_limit"}),  # how, not what: same report
-                        "code": code_version(CODE)})
 
 
 @task(name=STAGE, cache_key_fn=version_cache_key, persist_result=True, result_serializer="json", log_prints=True)
@@ -44,7 +38,7 @@ def profile(store: ArtifactStore, version: str, download_ref: dict[str, Any], da
         return {key: report[key] for key in ("files", "rows", "bytes") if key in report}
 
     manifest = store.publish(STAGE, version, build, inputs={"download": download_ref["version"]},
-                             config=config.model_dump(), code=code_version(CODE))
+                             config=config.model_dump(), code=stage_code_version(STAGE))
     folder = store.path(STAGE, version)
     report = json.loads((folder / "profile.json").read_text())
     pictures = [markdown_image(svg.read_text(), svg.stem) for svg in sorted(folder.glob("*_histogram.svg"))]

@@ -11,22 +11,15 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from configs import DataConfig, TokenizeConfig
 from gpt.tokenizer import tokenize_parquet
-from storage.artifacts import ArtifactStore, code_version, stable_hash
-from storage.profile import histogram_svg
-from tasks.charts import markdown_image
+from storage.artifacts import ArtifactStore
 from storage.markdown import markdown_table
+from storage.profile import histogram_svg
+from storage.versions import stage_code_version
+from tasks.charts import markdown_image
 from tasks.common import ProgressArtifact, ui_key, version_cache_key
 from tasks.download import parquet_files
 
 STAGE = "tokenize"
-CODE = ("gpt/tokenizer.py", "storage/shards.py")
-
-
-def plan_tokenize(download_version: str, data: DataConfig, tokenize_config: TokenizeConfig) -> str:
-    # num_workers changes speed, never bytes, so it is not part of the version
-    shaping = tokenize_config.model_dump(exclude={"num_workers"})
-    return stable_hash({"download": download_version, "text_column": data.text_column,
-                        "tokenize": shaping, "code": code_version(CODE)})
 
 
 @task(name=STAGE, cache_key_fn=version_cache_key, persist_result=True, result_serializer="json", log_prints=True)
@@ -42,7 +35,7 @@ def tokenize(store: ArtifactStore, version: str, download_ref: dict[str, Any], d
         return report
 
     manifest = store.publish(STAGE, version, build, inputs={"download": download_ref["version"]},
-                             config=config.model_dump(), code=code_version(CODE))
+                             config=config.model_dump(), code=stage_code_version(STAGE))
     report = manifest.metrics
     shards = [{k: shard.get(k) for k in ("name", "split", "tokens", "documents")} for shard in report["shards"]]
     totals = {k: v for k, v in report.items() if isinstance(v, (int, float, str))}

@@ -18,18 +18,20 @@ from prefect import task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from configs import PipelineConfig, describe
+from configs.errors import TransientError, UserError
+from configs.secrets import redact
 from gpt.checkpoint import latest_checkpoint
 from gpt.train import METRICS_FILE, describe_event, read_metrics
 from gpt.train import train as train_gpt
 from storage.artifacts import ArtifactStore
 from tasks.charts import line_chart_svg, markdown_image
 from storage.markdown import markdown_table
-from tasks.common import ProgressArtifact, ui_key
+from tasks.common import ProgressArtifact, retry_unless_user_error, ui_key
 
 STAGE = "train"
 
 
-class RunLockedError(RuntimeError):
+class RunLockedError(UserError):
     """Another process is training the same run right now."""
 
 
@@ -63,17 +65,6 @@ def checkpointed_iteration(store: ArtifactStore, config: PipelineConfig) -> int 
     return None if latest is None else int(json.loads((latest / "state.json").read_text())["iteration"])
 
 
-def _not_a_user_error(task, task_run, state) -> bool:
-    """Retry crashes and transient failures (the retry resumes from the last checkpoint), not bad input."""
-    try:
-        state.result()
-    except (RunLockedError, ValueError, FloatingPointError):
-        return False
-    except Exception:
-        return True
-    return False
-
-
 def model_card(config: PipelineConfig, train_tokens: int | None) -> str:
     m, t = config.model, config.train
     total = t.max_iters * config.tokens_per_iter()
@@ -99,25 +90,29 @@ def model_card(config: PipelineConfig, train_tokens: int | None) -> str:
 def _train_with_torchrun(config: PipelineConfig, data_dir: Path, folder: Path) -> dict[str, Any]:
     """Launch `torchrun -m gpt.train` for several processes, streaming its output into the task's logs."""
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
-        yaml.safe_dump(config.model_dump(), handle)
+        yaml.safe_dump(redact(config.model_dump()), handle)  # the trainer gets --data-dir: no source URL is needed
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={config.train.nproc_per_node}", "-m", "gpt.train",
                "--config", handle.name, "--data-dir", str(data_dir), "--run-dir", str(folder)]
-    last_line = ""
+    last_line, user_error = "", None
     try:
         with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as process:
             for line in process.stdout:
                 print(line.rstrip())
                 if line.strip():
                     last_line = line.strip()
+                if line.startswith("error: "):  # gpt.train's one line for a UserError
+                    user_error = line.removeprefix("error: ").strip()
     finally:
         os.unlink(handle.name)
-    if process.returncode:
-        raise RuntimeError(f"torchrun exited with status {process.returncode}; see the log above")
+    if process.returncode and user_error:
+        raise UserError(user_error)
+    if process.returncode:  # a killed or crashed process: the retry resumes from the last checkpoint
+        raise TransientError(f"torchrun exited with status {process.returncode}; see the log above")
     return json.loads(last_line)
 
 
-@task(name=STAGE, retries=1, retry_delay_seconds=5, retry_condition_fn=_not_a_user_error, log_prints=True)
+@task(name=STAGE, retries=1, retry_delay_seconds=5, retry_condition_fn=retry_unless_user_error, log_prints=True)
 def train(store: ArtifactStore, config: PipelineConfig, tokenize_ref: dict[str, Any], ui_name: str) -> dict[str, Any]:
     """Train (or resume, or continue) the run `runs/<run_name>` and publish its curves and checkpoints."""
     data_dir = Path(tokenize_ref["path"])

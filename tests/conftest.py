@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -15,6 +14,9 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
 FINEWEB_SAMPLE = SHARED_DATA / "fineweb-sample" / "fineweb_sample_2800.parquet"
 HELLASWAG_VAL = SHARED_DATA / "hellaswag" / "hellaswag_val.jsonl"
+FINEWEB_REPO = "HuggingFaceFW/fineweb"
+FINEWEB_FOLDER = "data/CC-MAIN-2013-20"
+FINEWEB_FILES = ("000_00000.parquet", "000_00001.parquet")
 
 
 def free_port() -> int:
@@ -33,6 +35,29 @@ def prefect_server(tmp_path_factory):
     start_server(stack)
     yield stack
     down(stack)
+
+
+@pytest.fixture(scope="session")
+def fineweb_parquet(tmp_path_factory) -> bytes:
+    """A FineWeb-shaped parquet with several row groups: the real FineWeb sample of ../shared
+    when it is there, else the demo corpus (real English text) written for the test."""
+    if FINEWEB_SAMPLE.exists():
+        return FINEWEB_SAMPLE.read_bytes()
+    from storage.demo_corpus import build_demo_corpus
+
+    return build_demo_corpus(tmp_path_factory.mktemp("demo-corpus")).read_bytes()
+
+
+@pytest.fixture(scope="session")
+def loopback_hub(fineweb_parquet):
+    """A loopback Hugging Face Hub (tests/hub_server.py) holding FineWeb's CC-MAIN-2013-20 files
+    000_00000 and 000_00001, for the whole session."""
+    from tests.hub_server import LoopbackHub
+
+    with LoopbackHub() as hub:
+        for name in FINEWEB_FILES:
+            hub.add_file("datasets", FINEWEB_REPO, f"{FINEWEB_FOLDER}/{name}", fineweb_parquet)
+        yield hub
 
 
 def run_pipeline_cli(args: list[str], env: dict[str, str], timeout: float = 900) -> tuple[subprocess.CompletedProcess, dict | None]:

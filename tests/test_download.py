@@ -1,6 +1,7 @@
 """Sources and downloads against real files, fsspec's memory filesystem and a loopback HTTP
 server that supports Range, drops connections and fails on demand; plus the demo corpus."""
 
+import base64
 import hashlib
 import importlib.util
 import os
@@ -15,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from storage.demo_corpus import DEMO_URL, FILE_NAME, DemoCorpusError, build_demo_corpus, resolve_demo_source
-from storage.download import DownloadError, download_sources, local_names
+from storage.download import DownloadError, DownloadFailed, download_sources, local_names
 from storage.fs import SourceError, expand_sources, source_fingerprint
 
 ROWS, ROW_GROUP = 2000, 200
@@ -43,6 +44,7 @@ class Server(ThreadingHTTPServer):
 
     `drop_after`: path → bytes to send before cutting the connection, once.
     `fail`: path → list of HTTP statuses to answer GETs with, one per request, before serving.
+    `basic_auth`: "user:password" that every request must carry, else 401.
     """
 
     daemon_threads = True
@@ -52,6 +54,7 @@ class Server(ThreadingHTTPServer):
         self.files: dict[str, bytes] = {}
         self.drop_after: dict[str, int] = {}
         self.fail: dict[str, list[int]] = {}
+        self.basic_auth: str | None = None
         self.log: list[tuple[str, str, str | None, int]] = []
 
     def url(self, path: str) -> str:
@@ -72,6 +75,13 @@ class Handler(BaseHTTPRequestHandler):
 
     def _serve(self, body: bool):
         server: Server = self.server
+        if server.basic_auth and self.headers.get("Authorization") != "Basic " + base64.b64encode(server.basic_auth.encode()).decode():
+            server.log.append((self.command, self.path, self.headers.get("Range"), 0))
+            self.send_response(401)
+            self.send_header("WWW-Authenticate", 'Basic realm="test"')
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         data = server.files.get(self.path)
         failures = server.fail.get(self.path) if body else None
         if data is None or failures:
@@ -209,7 +219,7 @@ def test_dropped_connection_resumes_with_a_range_request(server, tmp_path, parqu
 def test_partial_left_by_a_failed_run_is_resumed_by_the_next(server, tmp_path, parquet_bytes):
     server.drop_after["/data/sample.parquet"] = 100_000
     url = server.url("/data/sample.parquet")
-    with pytest.raises(DownloadError, match="still failing after 1 attempts"):
+    with pytest.raises(DownloadFailed, match="still failing after 1 attempts"):
         download_sources([url], tmp_path / "dest", attempts=1, chunk_bytes=16 << 10)
     kept = (tmp_path / "dest" / "sample.parquet.partial").stat().st_size
     assert 100_000 - (16 << 10) < kept <= 100_000

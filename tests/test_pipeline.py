@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -12,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from storage.artifacts import ArtifactStore
-from tests.conftest import run_pipeline_cli
+from tests.conftest import PROJECT_ROOT, run_pipeline_cli
 
 STAGES = ["download", "profile", "tokenize", "train", "evaluate", "sample"]
 DATA_STAGES = ["download", "profile", "tokenize"]
@@ -112,6 +115,58 @@ def test_parquet_without_text_column_is_rejected_by_name(demo_runs, tmp_path):
     line = _last_line(process.stderr)
     assert line.startswith("error:") and "text" in line and "no_text.parquet" in line
     assert not any(p.name.startswith(".") and ".tmp" in p.name for p in Path(env["FWP_STORAGE_ROOT"]).rglob("*"))
+
+
+def test_trainer_cli_finds_the_flows_tokenized_data_by_itself(demo_runs):
+    summary, _, _, env = demo_runs
+    trained = subprocess.run([sys.executable, "-m", "gpt.train", "--config", "configs/demo.yaml",
+                              "--set", "train.run_name=cli", "--set", "train.max_iters=2"],
+                             cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    assert json.loads(trained.stdout.strip().splitlines()[-1])["iterations"] == 2
+    metrics = Path(summary["storage_root"]) / "runs" / "cli" / "metrics.jsonl"
+    [start] = [json.loads(line) for line in metrics.read_text().splitlines() if '"start"' in line]
+    assert start["data_dir"] == summary["stages"]["tokenize"]["path"]
+
+
+def test_trainer_cli_without_data_names_the_command_that_makes_it(tmp_path):
+    env = dict(os.environ, FWP_STORAGE_ROOT=str(tmp_path / "artifacts"), PREFECT_HOME=str(tmp_path / "prefect-home"))
+    env.pop("PREFECT_API_URL", None)
+    trainer = [sys.executable, "-m", "gpt.train", "--config", "configs/demo.yaml", "--set", "train.max_iters=1"]
+    missing = subprocess.run(trainer, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr
+    line = missing.stderr.strip()
+    assert line.startswith("error: no tokenized data for this config under") and "\n" not in line
+    command = line.split("make it with: ")[1].split("  (or pass --data-dir)")[0]
+    assert command == "python -m flows.fineweb_pretrain --config configs/demo.yaml --set train.max_iters=1 --until tokenize"
+    made = subprocess.run([sys.executable, *shlex.split(command)[1:]], cwd=PROJECT_ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert made.returncode == 0, made.stderr[-2000:]
+    trained = subprocess.run(trainer, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert trained.returncode == 0 and json.loads(trained.stdout.strip().splitlines()[-1])["iterations"] == 1
+
+
+def test_cli_outside_make_prints_no_error_and_ends_with_its_summary(tmp_path):
+    """No PREFECT_API_URL (a temporary server), no analytics settings, stdout and stderr in one stream."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") and k != "DO_NOT_TRACK"}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), FWP_STORAGE_ROOT=str(tmp_path / "artifacts"))
+    process = subprocess.run([sys.executable, "-m", "flows.fineweb_pretrain", "--config", "configs/demo.yaml", "--until", "tokenize"],
+                             cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    assert process.returncode == 0, process.stdout[-3000:]
+    lines = process.stdout.strip().splitlines()
+    assert [line for line in lines if "ERROR" in line] == []
+    assert "Stopping temporary server" in process.stdout
+    assert list(json.loads(lines[-1])["stages"]) == ["download", "profile", "tokenize"]
+
+
+def test_flows_turn_prefect_telemetry_off_unless_the_user_chose(tmp_path):
+    probe = "import flows, os; print(os.environ['PREFECT_SERVER_ANALYTICS_ENABLED'], os.environ['DO_NOT_TRACK'])"
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_SERVER_ANALYTICS_ENABLED", "DO_NOT_TRACK")}
+    quiet = subprocess.run([sys.executable, "-c", probe], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True)
+    assert quiet.stdout.split() == ["false", "1"]
+    chosen = subprocess.run([sys.executable, "-c", probe], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                            env=dict(env, PREFECT_SERVER_ANALYTICS_ENABLED="true", DO_NOT_TRACK="0"))
+    assert chosen.stdout.split() == ["true", "0"]
 
 
 def test_invalid_config_value_fails_before_anything_runs(tmp_path):

@@ -19,13 +19,15 @@ TEST_OUTPUT = PROJECT_ROOT / "test-output"
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    """Server + work pool + every deployment in prefect.yaml + a worker, with a private PREFECT_HOME and storage root."""
+def stack(tmp_path_factory, loopback_hub):
+    """Server + work pool + every deployment in prefect.yaml + a worker, with a private PREFECT_HOME and
+    storage root; the worker's Hugging Face Hub is the loopback one, which holds FineWeb's first file."""
     home = tmp_path_factory.mktemp("stack-home")
     root = tmp_path_factory.mktemp("stack-artifacts")
     stack = stack_from_env(folder=home / "stack", port=free_port(),
                            extra_env={"PREFECT_HOME": str(home), "FWP_STORAGE_ROOT": str(root),
-                                      "PREFECT_LOGGING_LEVEL": "INFO", "OMP_NUM_THREADS": "2"})
+                                      "PREFECT_LOGGING_LEVEL": "INFO", "OMP_NUM_THREADS": "2",
+                                      "HF_ENDPOINT": loopback_hub.endpoint, "HF_HUB_DISABLE_IMPLICIT_TOKEN": "1"})
     up(stack)
     yield stack, root
     down(stack)
@@ -107,6 +109,39 @@ def test_deployment_run_then_continuation_resumes_from_the_last_checkpoint(stack
                            "--param", "continue_run=true")
     assert again["state"]["type"] == "COMPLETED"
     assert "already at iteration 160" in again["log_text"]
+
+
+def test_rehearsal_of_the_seed_run_from_the_hub_then_its_continuation(stack, loopback_hub):
+    """`fineweb-pretrain/fineweb-40m` as a user runs it, with only the iterations, the micro-batch, the
+    accumulation and the eval sizes shrunk: the 12 × 12 × 384 model at block 1024 trains on its hf://
+    source, then `continue-to-20k` (its target shrunk the same way) resumes it."""
+    stack, root = stack
+    shrunk = {"train": {"max_iters": 2, "batch_size": 1, "grad_accum_steps": 1, "eval_iters": 1},
+              "eval": {"max_batches": 1, "batch_size": 1}}
+    loopback_hub.clear_log()
+    first = run_deployment(stack, "fineweb-pretrain/fineweb-40m", "--param", f"overrides={json.dumps(shrunk)}")
+    assert first["state"]["type"] == "COMPLETED", first["log_text"][-3000:]
+    assert first["name"] == "fineweb-40m/fineweb-40m"
+    assert loopback_hub.bytes_sent("/cdn-lfs/") > 0  # the parquet came from the Hub
+    [download] = [p for p in (root / "download").iterdir() if (p / "manifest.json").exists()
+                  and "hf://" in (p / "manifest.json").read_text()]
+    files = json.loads((download / "manifest.json").read_text())["metrics"]["files"]
+    assert [f["url"] for f in files] == ["hf://datasets/HuggingFaceFW/fineweb/data/CC-MAIN-2013-20/000_00000.parquet"]
+
+    [card] = api(stack, "POST", "/artifacts/latest/filter", json={"artifacts": {"key": {"any_": ["fineweb-40m-model-card"]}}})
+    assert "40.56M parameters" in card["data"] and "12 layers × 12 heads × n_embd 384, block 1024" in card["data"]
+    checkpoints = root / "runs" / "fineweb-40m" / "checkpoints"
+    assert [p.name for p in sorted(checkpoints.glob("step_*"))] == ["step_000002"]
+    model = json.loads((checkpoints / "step_000002" / "state.json").read_text())["config"]["model"]
+    assert (model["n_layer"], model["n_head"], model["n_embd"], model["block_size"]) == (12, 12, 384, 1024)
+
+    shrunk["train"]["max_iters"] = 3
+    continued = run_deployment(stack, "fineweb-pretrain/continue-to-20k", "--param", f"overrides={json.dumps(shrunk)}")
+    assert continued["state"]["type"] == "COMPLETED", continued["log_text"][-3000:]
+    for stage in ("download", "profile", "tokenize"):
+        assert f"{stage}: cache hit" in continued["log_text"]
+    assert "resumed from iteration 2" in continued["log_text"]
+    assert json.loads((checkpoints / "step_000003" / "state.json").read_text())["iteration"] == 3
 
 
 @pytest.mark.browser
