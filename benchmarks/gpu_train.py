@@ -4,7 +4,7 @@
     python -m benchmarks.gpu_train --presets gpt2-124m --batch-size 32 --out gpu.json
     python -m benchmarks.gpu_train --device cpu --presets demo --steps 2 --warmup-steps 1 --no-compile   # smoke test
 
-Each preset is built and stepped with gpt/train.py's own functions (setup_runtime: TF32
+Each preset is built and stepped with the trainer's own functions (gpt/runtime.setup_runtime: TF32
 on, bf16 autocast where supported; build_model: fused AdamW on CUDA; train_step and
 optimizer_step), compiled with torch.compile unless --no-compile. A step is one optimizer
 step over the preset's train.grad_accum_steps micro-batches (override with --grad-accum).
@@ -32,9 +32,11 @@ from typing import Any
 
 import torch
 
+from configs.errors import UserError
 from configs.schema import ConfigError, load_config
 from gpt.flops import mfu, peak_flops
-from gpt.train import TrainError, build_model, optimizer_step, reuse_freed_memory, setup_runtime, train_step
+from gpt.runtime import reuse_freed_memory, setup_runtime
+from gpt.train import build_model, optimizer_step, train_step
 
 DEFAULT_PRESETS = ["fineweb-40m", "gpt2-124m"]
 GPT2_VOCAB = 50257  # random ids below GPT-2's real vocabulary, like real shards
@@ -202,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
                                   args.grad_accum, args.dtype, args.peak_tflops, args.set)
         except torch.cuda.OutOfMemoryError as exc:  # report it and go on with the next preset
             result = {"preset": preset, "error": f"out of GPU memory ({str(exc).splitlines()[0]}); lower --batch-size"}
-        except (ConfigError, TrainError) as exc:  # e.g. --device cuda without a GPU
+        except UserError as exc:  # e.g. --device cuda without a GPU
             result = {"preset": preset, "error": str(exc)}
         if "error" in result:  # the failed preset's tensors are free once the exception is gone
             gc.collect()

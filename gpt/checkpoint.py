@@ -2,9 +2,14 @@
 
     <run_dir>/checkpoints/step_000120/model.pt        model state dict (no wrapper prefixes)
     <run_dir>/checkpoints/step_000120/optimizer.pt    optimizer state dict
-    <run_dir>/checkpoints/step_000120/state.json      iteration, RNG states, loader cursor, LR
-                                                      schedule, val losses, tokens, config, code version
+    <run_dir>/checkpoints/step_000120/state.json      format, iteration, val_loss (measured at this step),
+                                                      one key per stateful object of the trainer (progress,
+                                                      loader, schedule, rng, grad_scaler), config, code version
     <run_dir>/checkpoints/step_000120/manifest.json   size and sha256 of the three files: written last
+
+This module is the one place that knows this layout; everything else asks it
+(`read_state`, `checkpoint_iteration`, `checkpoint_path`). state.json says its `format`;
+format 1 (before the stateful objects, progress figures at the top level) is read too.
 
 A checkpoint is written into a temporary sibling `.step_000120.tmp-xxxxxxxx`, fsynced and
 renamed into place, so a crash (even SIGKILL) leaves either the old set of checkpoints
@@ -37,6 +42,7 @@ MODEL_FILE = "model.pt"
 OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "state.json"
 MANIFEST_FILE = "manifest.json"
+FORMAT = 2
 STEP_PATTERN = re.compile(r"^step_(\d+)$")
 TEMPORARY_PATTERN = re.compile(r"^\.step_\d+\.tmp-[0-9a-f]+$")
 
@@ -69,6 +75,11 @@ def step_name(iteration: int) -> str:
     return f"step_{iteration:06d}"
 
 
+def checkpoint_path(run_dir: str | Path, iteration: int) -> Path:
+    """Where the checkpoint after `iteration` iterations of a run lives."""
+    return checkpoints_dir(run_dir) / step_name(iteration)
+
+
 def save_checkpoint(
     run_dir: str | Path,
     iteration: int,
@@ -79,17 +90,16 @@ def save_checkpoint(
 ) -> Path:
     """Write the checkpoint of `iteration` atomically, then apply retention. Returns its folder.
 
-    `state` must be JSON-able; `iteration` is added to it. A compiled or DDP-wrapped
-    model is unwrapped, so the saved keys carry no `_orig_mod.`/`module.` prefixes.
+    `state` must be JSON-able; `format` and `iteration` are added to it. A compiled or
+    DDP-wrapped model is unwrapped, so the saved keys carry no `_orig_mod.`/`module.` prefixes.
     """
-    parent = checkpoints_dir(run_dir)
-    parent.mkdir(parents=True, exist_ok=True)
-    final = parent / step_name(iteration)
+    final = checkpoint_path(run_dir, iteration)
+    final.parent.mkdir(parents=True, exist_ok=True)
 
     def fill(folder: Path) -> None:
         _save_torch(unwrap_model(model).state_dict(), folder / MODEL_FILE)
         _save_torch(optimizer.state_dict(), folder / OPTIMIZER_FILE)
-        write_json_atomic(folder / STATE_FILE, {**state, "iteration": iteration})
+        write_json_atomic(folder / STATE_FILE, {**state, "format": FORMAT, "iteration": iteration})
         files = [entry.model_dump() for entry in list_files(folder)]  # model, optimizer, state
         write_json_atomic(folder / MANIFEST_FILE, {"iteration": iteration, "created_at": time.time(), "files": files})
 
@@ -157,10 +167,42 @@ def load_checkpoint(
         raise CheckpointError(f"{folder} is not a complete checkpoint (no {MANIFEST_FILE}); pass a runs/<name>/checkpoints/step_N folder")
     if verify and (bad := damaged_files(folder, None if optimizer else (MODEL_FILE, STATE_FILE))):
         raise CheckpointError(f"checkpoint {folder} is damaged ({', '.join(bad)} does not match the manifest); use an earlier step")
-    state = json.loads((folder / STATE_FILE).read_text())
+    state = read_state(folder)
     model_state = strip_wrapper_prefixes(torch.load(folder / MODEL_FILE, map_location=map_location, weights_only=True))
     optimizer_state = torch.load(folder / OPTIMIZER_FILE, map_location=map_location, weights_only=True) if optimizer else None
     return Checkpoint(path=folder, model=model_state, optimizer=optimizer_state, state=state)
+
+
+def read_state(checkpoint_dir: str | Path) -> dict[str, Any]:
+    """A checkpoint's state.json in the current format (format 1 is converted)."""
+    folder = Path(checkpoint_dir)
+    try:
+        state = json.loads((folder / STATE_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{folder / STATE_FILE} cannot be read ({exc}); use an earlier step") from None
+    found = state.get("format", 1)
+    if found == 1:
+        return _from_format_1(state)
+    if found != FORMAT:
+        raise CheckpointError(
+            f"{folder} is in checkpoint format {found}, and this fineweb-pretrain reads formats 1 to {FORMAT}; "
+            "update fineweb-pretrain, or train into a new train.run_name"
+        )
+    return state
+
+
+def _from_format_1(state: dict[str, Any]) -> dict[str, Any]:
+    """Format 1 kept the trainer's progress at the top level, under other names."""
+    renamed = {"tokens_trained": "tokens_trained", "last_val_loss": "val_loss", "last_val_loss_iter": "val_loss_iter",
+               "best_val_loss": "best_val_loss"}
+    progress = {new: state[old] for old, new in renamed.items() if old in state}
+    rest = {key: value for key, value in state.items() if key not in renamed}
+    return {**rest, "format": FORMAT, "progress": {"iteration": state.get("iteration"), **progress}}
+
+
+def checkpoint_iteration(checkpoint_dir: str | Path) -> int:
+    """The number of iterations a checkpoint was taken after."""
+    return int(read_state(checkpoint_dir)["iteration"])
 
 
 def load_model(checkpoint_dir: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, dict[str, Any]]:

@@ -32,8 +32,8 @@ from configs.schema import EvalConfig
 from gpt.checkpoint import load_model
 from gpt.data import ShardDataset
 from gpt.model import GPT
-from gpt.tokenize_worker import EOT  # <|endoftext|>
-from gpt.train import resolve_device, resolve_dtype
+from gpt.encoding import EOT, gpt2_encoding
+from gpt.runtime import resolve_device, resolve_dtype
 
 
 
@@ -47,8 +47,6 @@ def evaluate(checkpoint_dir: str | Path, data_dir: str | Path, eval_config: Eval
     Returns a flat dict: checkpoint, iteration, val_loss, perplexity, tokens, bytes,
     bits_per_byte, batches, and hellaswag_items/_acc/_acc_norm when HellaSwag ran.
     """
-    from gpt.tokenizer import gpt2_encoding  # imported here: the tokenizer module pulls in pyarrow
-
     hellaswag_items = None
     if eval_config.hellaswag_path:  # read first, so a bad path fails before the slow part
         hellaswag_items = read_hellaswag(eval_config.hellaswag_path, eval_config.hellaswag_max_items)

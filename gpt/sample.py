@@ -13,15 +13,13 @@ import torch
 
 from configs.schema import SampleConfig
 from gpt.checkpoint import load_model
-from gpt.tokenize_worker import EOT  # <|endoftext|>
-from gpt.train import resolve_device, resolve_dtype
+from gpt.encoding import EOT, gpt2_encoding
+from gpt.runtime import resolve_device, resolve_dtype
 
 
 
 def sample(checkpoint_dir: str | Path, sample_config: SampleConfig, device: str = "auto") -> list[str]:
     """`sample.num_samples` texts, each the prompt followed by its completion."""
-    from gpt.tokenizer import gpt2_encoding  # imported here: the tokenizer module pulls in pyarrow
-
     torch_device = resolve_device(device)
     model, _ = load_model(checkpoint_dir, torch_device)
     dtype = resolve_dtype("auto", torch_device)

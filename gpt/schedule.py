@@ -175,6 +175,10 @@ class Schedule:
     def state_dict(self) -> dict[str, Any]:
         return {"max_iters": self.max_iters, "segments": [asdict(s) for s in self.segments]}
 
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        loaded = Schedule.from_state_dict(state)
+        self.segments, self.max_iters = loaded.segments, loaded.max_iters
+
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> Schedule:
         return cls([Segment(**s) for s in state["segments"]], max_iters=state["max_iters"])

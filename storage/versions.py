@@ -72,9 +72,10 @@ def _imported_names(file: Path, module: str) -> set[str]:
     return names
 
 
-def import_closure(modules: tuple[str, ...] | list[str], root: Path = PROJECT_ROOT) -> list[Path]:
+def import_closure(modules: tuple[str, ...] | list[str], root: Path | None = None) -> list[Path]:
     """The source files of `modules`, of the packages they sit in, and of every project
-    module they import, transitively; sorted."""
+    module they import, transitively; sorted. `root`: the project folder (default: this one)."""
+    root = root or PROJECT_ROOT
     files: dict[str, Path] = {}
     pending = list(modules)
     while pending:
@@ -88,8 +89,9 @@ def import_closure(modules: tuple[str, ...] | list[str], root: Path = PROJECT_RO
     return sorted(files.values())
 
 
-def code_version(*modules: str, root: Path = PROJECT_ROOT) -> str:
+def code_version(*modules: str, root: Path | None = None) -> str:
     """Hash of the source of `modules` and their import closure."""
+    root = root or PROJECT_ROOT
     digest = hashlib.sha256()
     for file in import_closure(modules, root):
         digest.update(file.relative_to(root).as_posix().encode() + b"\0")
@@ -97,7 +99,7 @@ def code_version(*modules: str, root: Path = PROJECT_ROOT) -> str:
     return digest.hexdigest()[:12]
 
 
-def stage_code_version(stage: str, root: Path = PROJECT_ROOT) -> str:
+def stage_code_version(stage: str, root: Path | None = None) -> str:
     return code_version(STAGE_MODULES[stage], root=root)
 
 

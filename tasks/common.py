@@ -7,6 +7,7 @@ new storage root) the cache is refreshed instead of trusted.
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any
 
@@ -39,6 +40,22 @@ def retry_unless_user_error(task: Task, task_run: Any, state: Any) -> bool:
     except BaseException as error:
         return not is_user_error(error)
     return False
+
+
+class _UserErrorsInOneLine(logging.Filter):
+    """Prefect logs a failed run's exception with its traceback. For a UserError the one line
+    that names the problem and the fix is the whole story, in the terminal and in the UI; a
+    bug keeps its traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if error is not None and is_user_error(error):
+            record.exc_info = record.exc_text = None
+        return True
+
+
+for _run_logger in ("prefect.flow_runs", "prefect.task_runs"):
+    logging.getLogger(_run_logger).addFilter(_UserErrorsInOneLine())
 
 
 def ui_key(*parts: str) -> str:

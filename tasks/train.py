@@ -20,8 +20,8 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from configs import PipelineConfig, describe
 from configs.errors import TransientError, UserError
 from configs.secrets import redact
-from gpt.checkpoint import latest_checkpoint
-from gpt.train import METRICS_FILE, describe_event, read_metrics
+from gpt.checkpoint import checkpoint_iteration, latest_checkpoint
+from gpt.metrics import METRICS_FILE, describe_event, read_metrics
 from gpt.train import train as train_gpt
 from storage.artifacts import ArtifactStore
 from tasks.charts import line_chart_svg, markdown_image
@@ -33,10 +33,6 @@ STAGE = "train"
 
 class RunLockedError(UserError):
     """Another process is training the same run right now."""
-
-
-def run_dir(store: ArtifactStore, config: PipelineConfig) -> Path:
-    return store.root / "runs" / config.run_name
 
 
 @contextlib.contextmanager
@@ -61,8 +57,8 @@ def exclusive_run(folder: Path) -> Iterator[None]:
 
 def checkpointed_iteration(store: ArtifactStore, config: PipelineConfig) -> int | None:
     """The iteration of the run's newest complete checkpoint, or None when it has none."""
-    latest = latest_checkpoint(run_dir(store, config))
-    return None if latest is None else int(json.loads((latest / "state.json").read_text())["iteration"])
+    latest = latest_checkpoint(store.run_dir(config.run_name))
+    return None if latest is None else checkpoint_iteration(latest)
 
 
 def model_card(config: PipelineConfig, train_tokens: int | None) -> str:
@@ -116,7 +112,7 @@ def _train_with_torchrun(config: PipelineConfig, data_dir: Path, folder: Path) -
 def train(store: ArtifactStore, config: PipelineConfig, tokenize_ref: dict[str, Any], ui_name: str) -> dict[str, Any]:
     """Train (or resume, or continue) the run `runs/<run_name>` and publish its curves and checkpoints."""
     data_dir = Path(tokenize_ref["path"])
-    folder = run_dir(store, config)
+    folder = store.run_dir(config.run_name)
     train_tokens = store.manifest("tokenize", tokenize_ref["version"]).metrics["tokens"]["train"]
     create_markdown_artifact(key=ui_key(ui_name, "model-card"), markdown=model_card(config, train_tokens),
                              description="what is being trained: size, FLOPs, tokens, epochs")
@@ -125,7 +121,7 @@ def train(store: ArtifactStore, config: PipelineConfig, tokenize_ref: dict[str, 
     def on_event(event: dict[str, Any]) -> None:
         print(describe_event(event))
         if event["event"] == "train":
-            progress.update(event["iter"] + 1, config.train.max_iters)
+            progress.update(event["iter"], config.train.max_iters)
 
     with exclusive_run(folder):
         if config.train.nproc_per_node > 1:

@@ -43,9 +43,15 @@ def fineweb_parquet(tmp_path_factory) -> bytes:
     when it is there, else the demo corpus (real English text) written for the test."""
     if FINEWEB_SAMPLE.exists():
         return FINEWEB_SAMPLE.read_bytes()
-    from storage.demo_corpus import build_demo_corpus
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    return build_demo_corpus(tmp_path_factory.mktemp("demo-corpus")).read_bytes()
+    from storage.demo_corpus import demo_documents
+
+    rows = [{**row, "id": f"{row['id']}-{copy}"} for copy in range(3) for row in demo_documents()]  # ~4.5 MB of text
+    path = tmp_path_factory.mktemp("fineweb-like") / "fineweb_like.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=100, compression="none")
+    return path.read_bytes()
 
 
 @pytest.fixture(scope="session")

@@ -39,7 +39,7 @@ def private_http(fineweb_parquet):
 def test_redact_blanks_every_kind_of_credential(monkeypatch):
     monkeypatch.setenv("HF_TOKEN", HF_SECRET)
     assert redact(f"https://user:{PASSWORD}@h/x.parquet?a=1&token={QUERY_TOKEN}#f") == "https://***@h/x.parquet?a=1&token=***#f"
-    assert redact({"url": f"s3://b/k?X-Amz-Signature=abc123&X-Amz-Credential=AKIA/x", "n": 3}) == {
+    assert redact({"url": "s3://b/k?X-Amz-Signature=abc123&X-Amz-Credential=AKIA/x", "n": 3}) == {
         "url": "s3://b/k?X-Amz-Signature=***&X-Amz-Credential=***", "n": 3}
     assert redact([f"Bearer {HF_SECRET}", ("hf_abcdefghijklmnopqrstuvwxyz",)]) == ["Bearer hf_***", ("hf_***",)]
     assert redact("https://huggingface.co/datasets/HuggingFaceFW/fineweb/resolve/main/a.parquet") == (

@@ -12,7 +12,7 @@ from configs.schema import EvalConfig, SampleConfig
 from gpt.data import ShardDataset
 from gpt.evaluate import EvalError, evaluate, render_example, utf8_bytes_per_token
 from gpt.sample import sample
-from gpt.tokenizer import gpt2_encoding
+from gpt.encoding import gpt2_encoding
 from gpt.train import train
 from tests.gpt_fixtures import tiny_config, write_tiny_shards
 

@@ -15,8 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from configs.schema import TokenizeConfig
-from gpt import tokenizer
-from gpt.tokenizer import EOT, TokenizeError, gpt2_encoding, is_val_document, tokenize_parquet
+from gpt import tokenize_worker, tokenizer
+from gpt.encoding import EOT, gpt2_encoding
+from gpt.tokenizer import TokenizeError, is_val_document, tokenize_parquet
 from storage.shards import read_shard
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -41,7 +42,7 @@ def test_builds_offline_with_an_empty_tiktoken_cache(tmp_path):
         "import tiktoken\n"
         "def refuse(name): raise AssertionError('tiktoken.get_encoding was called')\n"
         "tiktoken.get_encoding = refuse\n"
-        "from gpt.tokenizer import gpt2_encoding\n"
+        "from gpt.encoding import gpt2_encoding\n"
         "print(gpt2_encoding().encode_ordinary('Hello world'))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=PROJECT, env=env, capture_output=True, text=True, timeout=120)
@@ -181,7 +182,7 @@ def test_a_failing_helper_process_is_a_one_line_error_and_leaves_no_shards(tmp_p
     monkeypatch.setattr(tokenizer, "BATCH_ROWS", 8)
     broken = tmp_path / "broken_worker.py"
     broken.write_text("import sys\nsys.stdin.buffer.read(8)\nsys.exit('the helper broke')\n")
-    monkeypatch.setattr(tokenizer.tokenize_worker, "__file__", str(broken))
+    monkeypatch.setattr(tokenize_worker, "__file__", str(broken))
     path = _write(tmp_path / "docs.parquet", _texts(400, seed=6))
     with pytest.raises(TokenizeError, match=r"tokenizer worker process \d+ exited with code 1: the helper broke") as error:
         tokenize_parquet([path], tmp_path / "out", TokenizeConfig(val_fraction=0.1, shard_tokens=1024, num_workers=2))

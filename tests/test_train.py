@@ -7,6 +7,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,10 +18,11 @@ import pytest
 import torch
 
 from configs import describe
-from gpt.checkpoint import latest_checkpoint, load_checkpoint
+from gpt.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from gpt.data import DataError
 from gpt.schedule import Schedule
-from gpt.train import TrainError, TrainingDiverged, reuse_freed_memory, train
+from gpt.runtime import reuse_freed_memory
+from gpt.train import TrainError, TrainingDiverged, train
 from tests.gpt_fixtures import tiny_config, with_model, write_tiny_shards, write_yaml
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -58,7 +60,7 @@ def test_tiny_run_learns_and_records_everything(shards, tmp_path):
     assert events[0]["params"] == result["params"] and events[0]["flops_per_token"] == tiny_config().model.flops_per_token()
 
     trained = [e for e in events if e["event"] == "train"]
-    assert [e["iter"] for e in trained] == list(range(20))
+    assert [e["iter"] for e in trained] == list(range(1, 21))  # iterations completed
     assert trained[-1]["loss"] < trained[0]["loss"] - 2.0
     assert all(e["mfu"] is None and e["tokens_per_sec"] > 0 for e in trained)  # no MFU on CPU
     evals = {e["iter"]: e["val_loss"] for e in events if e["event"] == "eval"}
@@ -135,7 +137,7 @@ def test_continuing_a_finished_run_resumes_without_an_lr_jump(shards, tmp_path):
     assert continued["resumed"] and continued["start_iter"] == 10 and continued["iterations"] == 40
     metrics = read_metrics(run)
     lrs = [e["lr"] for e in metrics if e["event"] == "train"]
-    assert [e["iter"] for e in metrics if e["event"] == "train"] == list(range(40))  # nothing retrained
+    assert [e["iter"] for e in metrics if e["event"] == "train"] == list(range(1, 41))  # nothing retrained
     peak = 1e-2
     assert lrs[10] == pytest.approx(lrs[9] + (peak - lrs[9]) / 11)  # the first rewarm step
     later_steps = [abs(b - a) for a, b in zip(lrs[10:], lrs[11:])]
@@ -224,3 +226,47 @@ def test_cpu_training_reuses_freed_memory_instead_of_faulting_it_in_again():
         inside = _page_faults_of_a_200mb_tensor()
     assert inside < outside / 10, (inside, outside)
     assert _page_faults_of_a_200mb_tensor() > outside / 2  # glibc's defaults are back after training
+
+
+def _rewrite_state(checkpoint: Path, change) -> None:
+    """Edit a checkpoint's state.json and record the new checksum in its manifest, as if written so."""
+    import hashlib
+
+    state_file, manifest_file = checkpoint / "state.json", checkpoint / "manifest.json"
+    state_file.write_text(json.dumps(change(json.loads(state_file.read_text()))))
+    manifest = json.loads(manifest_file.read_text())
+    for entry in manifest["files"]:
+        if entry["path"] == "state.json":
+            entry.update(bytes=state_file.stat().st_size, sha256=hashlib.sha256(state_file.read_bytes()).hexdigest())
+    manifest_file.write_text(json.dumps(manifest))
+
+
+def _as_format_1(state: dict) -> dict:
+    """state.json as the trainer wrote it before its stateful objects: progress at the top level."""
+    progress = state.pop("progress")
+    del state["format"]
+    return {**state, "tokens_trained": progress["tokens_trained"], "last_val_loss": progress["val_loss"],
+            "last_val_loss_iter": progress["val_loss_iter"], "best_val_loss": progress["best_val_loss"]}
+
+
+def test_a_checkpoint_of_the_previous_format_resumes_bit_identically(shards, tmp_path):
+    config = tiny_config(max_iters=10, checkpoint_interval=5)
+    uninterrupted = train(config, shards, tmp_path / "a")
+    train(config, shards, tmp_path / "b")
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "step_000010")
+    _rewrite_state(tmp_path / "b" / "checkpoints" / "step_000005", _as_format_1)
+
+    resumed = train(config, shards, tmp_path / "b")
+    assert resumed["start_iter"] == 5 and resumed["tokens_trained"] == uninterrupted["tokens_trained"]
+    assert resumed["best_val_loss"] == uninterrupted["best_val_loss"]
+    a, b = load_checkpoint(uninterrupted["latest_checkpoint"]), load_checkpoint(resumed["latest_checkpoint"])
+    assert all(torch.equal(a.model[key], b.model[key]) for key in a.model)
+
+
+def test_a_checkpoint_of_an_unknown_format_is_refused_in_one_line(shards, tmp_path):
+    train(tiny_config(max_iters=2, checkpoint_interval=2), shards, tmp_path / "run")
+    _rewrite_state(tmp_path / "run" / "checkpoints" / "step_000002", lambda state: {**state, "format": 3})
+    with pytest.raises(CheckpointError) as error:
+        train(tiny_config(max_iters=4, checkpoint_interval=2), shards, tmp_path / "run")
+    assert "checkpoint format 3" in str(error.value) and "reads formats 1 to 2" in str(error.value)
+    assert "\n" not in str(error.value)

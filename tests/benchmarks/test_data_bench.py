@@ -26,7 +26,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from configs.schema import TokenizeConfig
-from gpt.tokenizer import gpt2_encoding, tokenize_parquet
+from gpt.encoding import gpt2_encoding
+from gpt.tokenizer import tokenize_parquet
 from storage.demo_corpus import build_demo_corpus
 from storage.profile import profile_parquet
 
@@ -86,7 +87,7 @@ def baseline_loops(corpus) -> dict[str, Callable[[], tuple[int, float, float]]]:
 PARALLEL_LOOP = """
 import sys, time
 import pyarrow.parquet as pq
-from gpt.tokenizer import gpt2_encoding
+from gpt.encoding import gpt2_encoding
 index, count, files = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
 texts = [t for f in files for t in pq.read_table(f, columns=["text"])["text"].to_pylist() if t][index::count]
 enc = gpt2_encoding()
@@ -227,7 +228,7 @@ if __name__ == "__main__":
 
 RSS_FLOOR = f"""
 import json
-from gpt.tokenizer import gpt2_encoding
+from gpt.encoding import gpt2_encoding
 gpt2_encoding().encode_ordinary("warm up")
 print(json.dumps({{"main_mb": {HWM}}}))
 """
@@ -235,7 +236,7 @@ print(json.dumps({{"main_mb": {HWM}}}))
 RSS_NAIVE = f"""
 import json, sys
 import numpy as np, pyarrow.parquet as pq
-from gpt.tokenizer import gpt2_encoding
+from gpt.encoding import gpt2_encoding
 enc = gpt2_encoding()
 texts = [t for f in sys.argv[2:] for t in pq.read_table(f, columns=["text"])["text"].to_pylist()]
 tokens = [np.array(enc.encode_ordinary(t), dtype=np.uint16) for t in texts]

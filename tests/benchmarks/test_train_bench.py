@@ -4,7 +4,7 @@
 random tokens through the real TrainLoader.
 
 Three variants: eager with glibc's default malloc (what the trainer did before it kept
-freed memory, see gpt.train.reuse_freed_memory), eager as the trainer runs now, and
+freed memory, see gpt.runtime.reuse_freed_memory), eager as the trainer runs now, and
 torch.compile'd as the trainer runs with train.compile=true. Compilation happens in
 untimed warm-up steps, so the rounds measure steady-state steps only; the compile time
 is reported in extra_info next to the tokens/s.
@@ -21,7 +21,8 @@ import torch
 
 from configs.schema import load_config
 from gpt.data import ShardDataset, TrainLoader
-from gpt.train import build_model, optimizer_step, reuse_freed_memory, setup_runtime, train_step
+from gpt.runtime import reuse_freed_memory, setup_runtime
+from gpt.train import build_model, optimizer_step, train_step
 from storage.shards import write_shard
 
 ROUNDS = 8

@@ -1,0 +1,79 @@
+"""Stage versions cover the code each stage runs, found from its imports (storage/versions.py):
+editing any module of a stage's import closure gives it — and the stages after it — a new
+version, and editing a module outside it changes nothing. Checked on a copy of the project."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from configs import load_config
+from storage import versions
+from storage.versions import STAGE_MODULES, import_closure, plan_evaluate, plan_profile, plan_tokenize, stage_code_version
+from tests.conftest import PROJECT_ROOT
+
+PACKAGES = ("configs", "flows", "gpt", "storage", "tasks")
+
+
+@pytest.fixture
+def project(tmp_path) -> Path:
+    """A copy of the project's source packages that a test may edit."""
+    for package in PACKAGES:
+        shutil.copytree(PROJECT_ROOT / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
+    return tmp_path
+
+
+def touch(file: Path) -> None:
+    file.write_text(file.read_text() + "\n# an edit\n")
+
+
+def closure_names(stage: str, root: Path) -> set[str]:
+    return {file.relative_to(root).as_posix() for file in import_closure([STAGE_MODULES[stage]], root)}
+
+
+def test_each_stage_covers_the_modules_that_once_were_missing_from_its_list(project):
+    assert "gpt/tokenize_worker.py" in closure_names("tokenize", project)  # it does the encoding
+    assert "gpt/encoding.py" in closure_names("tokenize", project)
+    assert "storage/shards.py" in closure_names("tokenize", project)
+    assert "gpt/data.py" in closure_names("evaluate", project)  # it picks the scored windows
+    assert "gpt/encoding.py" in closure_names("sample", project)  # the tokenizer of the prompt and the text
+
+
+@pytest.mark.parametrize("stage", sorted(STAGE_MODULES))
+def test_editing_any_module_of_a_stage_changes_its_version_and_no_other_module_does(project, stage):
+    inside = closure_names(stage, project)
+    every = {file.relative_to(project).as_posix() for package in PACKAGES for file in (project / package).rglob("*.py")}
+    assert inside < every
+    for name in sorted(every):
+        before = stage_code_version(stage, project)
+        touch(project / name)
+        changed = stage_code_version(stage, project) != before
+        assert changed == (name in inside), f"{stage} after editing {name}"
+
+
+def test_a_code_change_reaches_the_stages_after_it(project, monkeypatch):
+    monkeypatch.setattr(versions, "PROJECT_ROOT", project)
+    config = load_config("demo")
+    download = "d0wnl0ad"
+
+    def stage_versions() -> dict[str, str]:
+        tokenize = plan_tokenize(download, config.data, config.tokenize)
+        return {"profile": plan_profile(download, config.data, config.profile), "tokenize": tokenize,
+                "evaluate": plan_evaluate("checkpoint", tokenize, config.eval)}
+
+    before = stage_versions()
+    touch(project / "gpt" / "tokenize_worker.py")
+    after = stage_versions()
+    assert after["tokenize"] != before["tokenize"] and after["evaluate"] != before["evaluate"]
+    assert after["profile"] == before["profile"]
+
+
+def test_speed_only_settings_do_not_change_versions():
+    config = load_config("demo")
+    faster = load_config("demo", ["tokenize.num_workers=7", "profile.memory_limit=2GB"])
+    assert plan_tokenize("d", faster.data, faster.tokenize) == plan_tokenize("d", config.data, config.tokenize)
+    assert plan_profile("d", faster.data, faster.profile) == plan_profile("d", config.data, config.profile)
+    assert plan_tokenize("d", config.data, load_config("demo", ["tokenize.val_fraction=0.1"]).tokenize) != (
+        plan_tokenize("d", config.data, config.tokenize))
