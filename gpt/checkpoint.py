@@ -156,6 +156,30 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return None
 
 
+def select_checkpoint(run_dir: str | Path, which: str | int = "latest") -> Path:
+    """One checkpoint of a run: "latest" (the newest intact one), "best" (the lowest val loss
+    measured at a checkpoint, among those kept) or a step number; a CheckpointError naming the
+    steps there are otherwise."""
+    folders = list_checkpoints(run_dir)
+    steps = [int(STEP_PATTERN.match(folder.name).group(1)) for folder in folders]
+    listing = ", ".join(map(str, steps)) or "none"
+    if which == "latest":
+        found = latest_checkpoint(run_dir)
+    elif which == "best":
+        scored = [(loss, folder) for folder in folders if (loss := _val_loss(folder)) is not None]
+        found = min(scored, key=lambda pair: pair[0])[1] if scored else None
+    else:
+        try:
+            step = int(which)
+        except ValueError:
+            raise CheckpointError(f"checkpoint {which!r}: name latest, best or a step number") from None
+        found = checkpoint_path(run_dir, step) if step in steps else None
+    if found is None:
+        raise CheckpointError(f"{run_dir} has no {which} checkpoint (steps there: {listing}); "
+                              "name one of those steps, or train the run first")
+    return found
+
+
 def load_checkpoint(
     checkpoint_dir: str | Path, map_location: str | torch.device = "cpu", verify: bool = True, optimizer: bool = True
 ) -> Checkpoint:
