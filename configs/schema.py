@@ -133,6 +133,10 @@ class TrainConfig(Section):
     eval_iters: int = Field(default=20, ge=1, description="val batches per evaluation")
     log_interval: int = Field(default=10, ge=1)
     checkpoint_interval: int = Field(default=500, ge=1)
+    hellaswag_interval: int | None = Field(
+        default=None, ge=1, description="score HellaSwag on a subset every this many iterations (needs eval.hellaswag_path); none: off"
+    )
+    hellaswag_items: int = Field(default=500, ge=1, description="the subset scored during training: N items spread evenly over the file")
     keep_last_checkpoints: int = Field(default=3, ge=1)
     compile: bool = True
     device: str = Field(default="auto", description="auto, cpu, cuda, cuda:N, mps")
@@ -154,16 +158,36 @@ class EvalConfig(Section):
     max_batches: int = Field(default=50, ge=1, description="val batches for the final evaluation")
     batch_size: int = Field(default=8, ge=1)
     hellaswag_path: str | None = Field(default=None, description="a HellaSwag jsonl (URL or path) to score; none skips it")
-    hellaswag_max_items: int | None = Field(default=None, ge=1)
+    hellaswag_max_items: int | None = Field(default=None, ge=1, description="score N items spread evenly over the file; none: all")
+    hellaswag_items_per_batch: int = Field(
+        default=4, ge=1, le=256,
+        description="HellaSwag items scored per forward pass (4 rows each); the logits are 4 × items × width "
+                    "× 50304 floats, so memory grows with it. 4 is fastest on CPU; raise it on a GPU",
+    )
 
 
 class SampleConfig(Section):
-    prompt: str = "The"
-    num_samples: int = Field(default=3, ge=1)
+    prompt: str | list[str] = Field(default="The", description="one prompt or a list; num_samples completions of each")
+    num_samples: int = Field(default=3, ge=1, description="completions per prompt")
     max_new_tokens: int = Field(default=64, ge=1)
     temperature: float = Field(default=0.8, gt=0)
-    top_k: int | None = Field(default=200, ge=1)
-    seed: int = 1337
+    top_k: int | None = Field(default=200, ge=1, description="sample among the k most likely tokens; none: all")
+    top_p: float | None = Field(
+        default=None, gt=0, le=1, description="nucleus: the smallest set of likely tokens whose probability reaches p; none: off"
+    )
+    stop_at_eot: bool = Field(default=True, description="end a sample at <|endoftext|>, which is not part of its text")
+    seed: int = Field(default=1337, description="the same seed gives the same texts")
+
+    @property
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+    @field_validator("prompt")
+    @classmethod
+    def _some_prompt(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and not value:
+            raise ValueError("must be a prompt or a non-empty list of prompts")
+        return value
 
 
 class StorageConfig(Section):

@@ -1,50 +1,39 @@
-"""The `fineweb-pretrain` flow: download → profile → tokenize → train → evaluate → sample.
+"""The `fineweb-pretrain` flow: download → profile → tokenize → (hellaswag) → train → evaluate → sample.
 
     python -m flows.fineweb_pretrain --config configs/demo.yaml [--set key=value ...] [--until STAGE]
 
 Without PREFECT_API_URL, Prefect starts a temporary local server for the run. The last
 line printed is a JSON summary: every stage's artifact version and path, whether it was a
-cache hit, the final val loss and the tokens trained.
+cache hit, the final val loss and the tokens trained. The hellaswag stage (a copy of the
+HellaSwag items) runs when `eval.hellaswag_path` is set; the last checkpoint is scored as
+`fineweb-evaluate` scores any checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Any, Literal, get_args
 
 from prefect import flow
-from prefect.runtime import flow_run
 
-from configs import PipelineConfig, PipelineOverrides, describe, load_config, nest_overrides, parse_overrides
-from configs.errors import TransientError, UserError
-from gpt.checkpoint import checkpoint_identity
+from configs import PipelineConfig, PipelineOverrides, describe, load_config
+from configs.errors import UserError
+from flows.common import config_arguments, flow_run_name, run_flow_cli
+from flows.fineweb_evaluate import hellaswag_items, score_checkpoint
 from storage.artifacts import ArtifactStore
-from storage.versions import plan_download, plan_evaluate, plan_profile, plan_sample, plan_tokenize
+from storage.versions import plan_download, plan_profile, plan_tokenize
 from tasks.common import run_cached_stage
 from tasks.download import download
-from tasks.evaluate import evaluate
 from tasks.profile import profile
-from tasks.sample import sample
 from tasks.tokenize import tokenize
 from tasks.train import checkpointed_iteration, train
 
-Stage = Literal["download", "profile", "tokenize", "train", "evaluate", "sample"]
+Stage = Literal["download", "profile", "tokenize", "hellaswag", "train", "evaluate", "sample"]
 STAGES: tuple[str, ...] = get_args(Stage)
 
 
-def _run_name() -> str:
-    """Flow run names say what they are: `<preset>/<run name>`."""
-    parameters = flow_run.get_parameters()
-    try:
-        config = load_config(parameters.get("config", "demo"), parameters.get("overrides"))
-        return f"{config.name}/{config.run_name}"
-    except Exception:
-        return f"{parameters.get('config', 'demo')}/invalid-config"
-
-
-@flow(name="fineweb-pretrain", flow_run_name=_run_name, log_prints=True)
+@flow(name="fineweb-pretrain", flow_run_name=flow_run_name, log_prints=True)
 def fineweb_pretrain(config: str = "demo", overrides: PipelineOverrides | None = None, until: Stage | None = None,
                      continue_run: bool = False) -> dict[str, Any]:
     """Run the pipeline for a preset name or YAML path, with dotted-key overrides.
@@ -80,8 +69,6 @@ def run_pipeline(cfg: PipelineConfig, until: Stage | None = None, continue_run: 
 
     def record(stage: str, ref: dict[str, Any], cache_hit: bool | None) -> bool:
         summary["stages"][stage] = {"version": ref.get("version"), "path": ref.get("path"), "cache_hit": cache_hit}
-        if cache_hit:
-            print(f"{stage}: cache hit, artifact {ref['version']} reused ({ref['path']})")
         return until == stage
 
     planned = plan_download(cfg.data, store.root)
@@ -100,58 +87,31 @@ def run_pipeline(cfg: PipelineConfig, until: Stage | None = None, continue_run: 
     if record("tokenize", shards, hit):
         return summary
 
-    trained = train(store=store, config=cfg, tokenize_ref=shards, ui_name=ui)
+    hellaswag_ref, hit = hellaswag_items(cfg, store)
+    if hellaswag_ref is not None and record("hellaswag", hellaswag_ref, hit):
+        return summary
+
+    trained = train(store=store, config=cfg, tokenize_ref=shards, hellaswag_ref=hellaswag_ref, ui_name=ui)
     checkpoint = trained["latest_checkpoint"]
     summary.update(val_loss=trained.get("val_loss"), tokens_trained=trained.get("tokens_trained"),
                    iterations=trained.get("iterations"), resumed=trained.get("resumed"))
     if record("train", {"version": cfg.run_name, "path": checkpoint}, None):
         return summary
 
-    scored, hit = run_cached_stage(evaluate, store, plan_evaluate(checkpoint_identity(checkpoint), shards["version"], cfg.eval),
-                                   checkpoint=checkpoint, tokenize_ref=shards, config=cfg.eval, ui_name=ui)
-    summary["eval"] = scored["metrics"]
-    if record("evaluate", scored, hit):
-        return summary
-
-    samples, hit = run_cached_stage(sample, store, plan_sample(checkpoint_identity(checkpoint), cfg.sample),
-                                    checkpoint=checkpoint, config=cfg.sample, ui_name=ui)
-    record("sample", samples, hit)
+    results = score_checkpoint(cfg, store, checkpoint, shards, hellaswag_ref, sample_it=until != "evaluate")
+    summary["eval"] = results["evaluate"][0]["metrics"]
+    for stage, (ref, hit) in results.items():
+        record(stage, ref, hit)
     return summary
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.fineweb_pretrain", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default="configs/demo.yaml", help="preset name or YAML path (default: configs/demo.yaml)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set train.max_iters=200 (repeatable)")
+    config_arguments(parser)
     parser.add_argument("--until", choices=STAGES, help="stop after this stage")
     args = parser.parse_args(argv)
-    try:
-        overrides = nest_overrides(parse_overrides(args.overrides))
-        cfg = load_config(args.config, overrides)  # fail fast on a bad config or storage root, before Prefect starts
-        ArtifactStore(cfg.storage.root).ensure_writable()
-        summary = fineweb_pretrain(config=args.config, overrides=overrides, until=args.until)
-    except (UserError, TransientError) as exc:  # one line; anything else is a bug and keeps its traceback
-        stop_temporary_server()
-        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    stop_temporary_server()
-    print_where_to_look(summary)
-    print(json.dumps(summary, default=str), flush=True)
-    return 0
-
-
-def stop_temporary_server() -> None:
-    """Send the last logs and events, then stop the temporary Prefect server this process
-    started (if it did), so that its goodbye line comes before the summary, not after it."""
-    from prefect.events.worker import EventsWorker
-    from prefect.logging.handlers import APILogWorker
-    from prefect.server.api.server import SubprocessASGIServer
-
-    APILogWorker.drain_all(timeout=15)
-    EventsWorker.drain_all(timeout=15)
-    for server in list(SubprocessASGIServer._instances.values()):  # Prefect keeps one per port; atexit stops them otherwise
-        server.stop()
+    return run_flow_cli(args, lambda overrides: fineweb_pretrain(config=args.config, overrides=overrides, until=args.until),
+                        where_to_look=print_where_to_look)
 
 
 def print_where_to_look(summary: dict[str, Any]) -> None:

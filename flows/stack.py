@@ -22,7 +22,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from flows import QUIET_ENV
+from flows import PREFECT_DEFAULTS
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 WORK_POOL = "fineweb-local"
@@ -46,7 +46,7 @@ class Stack:
 def stack_from_env(folder: str | os.PathLike | None = None, port: int | None = None, extra_env: dict[str, str] | None = None) -> Stack:
     folder = Path(folder or os.environ.get("FWP_STACK_DIR", PROJECT_ROOT / ".stack")).resolve()
     port = port or int(os.environ.get("PREFECT_SERVER_API_PORT", "4200"))
-    stack = Stack(folder=folder, port=port, env={**QUIET_ENV, **os.environ, **(extra_env or {})})  # the user's settings win
+    stack = Stack(folder=folder, port=port, env={**PREFECT_DEFAULTS, **os.environ, **(extra_env or {})})  # the user's settings win
     stack.env.update(PREFECT_API_URL=stack.api_url, PREFECT_SERVER_API_PORT=str(port), PREFECT_SERVER_API_HOST="127.0.0.1")
     return stack
 

@@ -1,7 +1,7 @@
 """A run's event log: `<run_dir>/metrics.jsonl`, the on_event callback and the log, one line each.
 
-Events: start, train (logged iterations), eval, checkpoint, schedule (an LR change on
-continuation), done. In every event, `iter` is the number of iterations completed when it
+Events: start, train (logged iterations), eval (val loss), hellaswag (a subset's accuracy),
+checkpoint, schedule (an LR change on continuation), done. In every event, `iter` is the number of iterations completed when it
 happened: `{"event": "train", "iter": 10, ...}` is the loss of the 10th iteration, and
 `{"event": "eval", "iter": 10, ...}` the val loss of the weights after it, so the two line
 up, and `iter × tokens per iteration` is the tokens seen.
@@ -64,6 +64,8 @@ def describe_event(event: dict[str, Any]) -> str:
         return f"iter {event['iter']}: val loss {event['val_loss']:.4f}"
     if kind == "checkpoint":
         return f"iter {event['iter']}: saved checkpoint {event['path']}"
+    if kind == "hellaswag":
+        return f"iter {event['iter']}: HellaSwag acc_norm {_fmt(event['acc_norm'])}, acc {_fmt(event['acc'])} ({event['items']} items)"
     if kind == "schedule":
         return event["message"]
     if kind == "done":

@@ -4,6 +4,10 @@ Same architecture and parameter names as nanoGPT (pre-LayerNorm blocks, GELU MLP
 `scaled_dot_product_attention`, token embedding tied to the output head, vocabulary
 padded to 50304), so a nanoGPT `ckpt.pt` loads into it unchanged.
 
+Generation adds one thing nanoGPT lacks: a `KVCache`, so each new token runs the model on
+itself only. It gives the same logits as re-running the whole context (the training
+forward is untouched), also past block_size, where the context is re-run cropped.
+
 References:
 1) OpenAI's GPT-2 TensorFlow implementation: https://github.com/openai/gpt-2/blob/master/src/model.py
 2) karpathy/nanoGPT: https://github.com/karpathy/nanoGPT/blob/master/model.py
@@ -53,6 +57,47 @@ class LayerNorm(nn.Module):
         return F.layer_norm(input, self.weight.shape, self.weight, self.bias, 1e-5)
 
 
+class LayerKVCache:
+    """One layer's keys and values (B, nh, T, hs) of the positions seen so far, at most block_size."""
+
+    def __init__(self, block_size: int):
+        self.block_size = block_size
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+        self.length = 0  # positions filled
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the keys and values of new positions after the cached ones; all of them so far."""
+        B, nh, T, hs = k.shape
+        start, end = self.length, self.length + T
+        assert end <= self.block_size, f"the cache holds {self.block_size} positions; {end} were asked for"
+        if self.keys is None or self.keys.shape[0] != B or self.keys.dtype != k.dtype:
+            self.keys = k.new_empty(B, nh, self.block_size, hs)
+            self.values = v.new_empty(B, nh, self.block_size, hs)
+        self.keys[:, :, start:end] = k
+        self.values[:, :, start:end] = v
+        self.length = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+
+class KVCache:
+    """Keys and values of every layer for the positions generated so far (generation only).
+
+    `model(idx, kv_cache=cache)` runs idx at the positions after the cached ones and adds
+    them to the cache; `reset()` empties it (a new prefill)."""
+
+    def __init__(self, config: GPTConfig):
+        self.layers = [LayerKVCache(config.block_size) for _ in range(config.n_layer)]
+
+    @property
+    def length(self) -> int:
+        return self.layers[0].length
+
+    def reset(self) -> None:
+        for layer in self.layers:
+            layer.length = 0
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -66,17 +111,28 @@ class CausalSelfAttention(nn.Module):
         self.n_embd = config.n_embd
         self.dropout = config.dropout
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv_cache: LayerKVCache | None = None) -> torch.Tensor:
         B, T, C = x.size()  # batch size, sequence length, embedding dimensionality (n_embd)
         # query, key, values for all heads in batch, with the head dimension moved forward
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        # causal self-attention; (B, nh, T, hs) x (B, nh, hs, T) -> (B, nh, T, T), flash kernels where available
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=None, dropout_p=self.dropout if self.training else 0.0, is_causal=True
-        )
+        if kv_cache is None:
+            # causal self-attention; (B, nh, T, hs) x (B, nh, hs, T) -> (B, nh, T, T), flash kernels where available
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=None, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+            )
+        else:
+            # the new positions attend to all cached ones and causally among themselves
+            start = kv_cache.length
+            k, v = kv_cache.append(k, v)  # (B, nh, start + T, hs)
+            mask = None  # a prefill (start 0) is causal; one new token sees every position
+            if start > 0 and T > 1:
+                mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=start == 0
+            )
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
         return self.resid_dropout(self.c_proj(y))
 
@@ -101,8 +157,8 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, kv_cache: LayerKVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), kv_cache)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -151,23 +207,15 @@ class GPT(nn.Module):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: KVCache | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits and loss. With targets: logits at every position and the mean
         cross-entropy (targets of -1 are ignored). Without: logits of the last
-        position only, which is all that generation needs."""
-        device = idx.device
-        b, t = idx.size()
-        assert t <= self.config.block_size, f"Cannot forward sequence of length {t}, block size is only {self.config.block_size}"
-        pos = torch.arange(0, t, dtype=torch.long, device=device)  # shape (t)
+        position only, which is all that generation needs.
 
-        tok_emb = self.transformer.wte(idx)  # token embeddings of shape (b, t, n_embd)
-        pos_emb = self.transformer.wpe(pos)  # position embeddings of shape (t, n_embd)
-        x = self.transformer.drop(tok_emb + pos_emb)
-        for block in self.transformer.h:
-            x = block(x)
-        x = self.transformer.ln_f(x)
-
+        With a kv_cache, idx holds the positions after the cached ones (all of them when
+        the cache is empty) and is added to the cache."""
+        x = self.hidden_states(idx, kv_cache)
         if targets is not None:
             logits = self.lm_head(x)
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
@@ -176,6 +224,23 @@ class GPT(nn.Module):
             logits = self.lm_head(x[:, [-1], :])  # note: using list [-1] to preserve the time dim
             loss = None
         return logits, loss
+
+    def hidden_states(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        """The final layer-normed activations (b, t, n_embd), which `lm_head` turns into logits:
+        for scoring only some positions (HellaSwag's endings) without the full-vocabulary head."""
+        device = idx.device
+        b, t = idx.size()
+        start = kv_cache.length if kv_cache is not None else 0
+        assert start + t <= self.config.block_size, f"Cannot forward sequence of length {start + t}, block size is only {self.config.block_size}"
+        pos = torch.arange(start, start + t, dtype=torch.long, device=device)  # shape (t)
+
+        tok_emb = self.transformer.wte(idx)  # token embeddings of shape (b, t, n_embd)
+        pos_emb = self.transformer.wpe(pos)  # position embeddings of shape (t, n_embd)
+        x = self.transformer.drop(tok_emb + pos_emb)
+        layer_caches = kv_cache.layers if kv_cache is not None else [None] * len(self.transformer.h)
+        for block, layer_cache in zip(self.transformer.h, layer_caches):
+            x = block(x, layer_cache)
+        return self.transformer.ln_f(x)
 
     def configure_optimizers(
         self,
@@ -200,6 +265,26 @@ class GPT(nn.Module):
         return torch.optim.AdamW(optim_groups, lr=learning_rate, betas=betas, fused=fused)
 
     @torch.no_grad()
+    def next_logits(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        """Logits (b, vocab_size) of the token after idx (b, t), from its last block_size tokens
+        at positions 0.. as in training.
+
+        With a cache that holds idx[:, :-1], only the newest token is run. Otherwise (an empty
+        cache, or one that is full: absolute positions mean a window slid by one token shares
+        nothing with the cached one) the cache is refilled from the cropped context, so the
+        logits are those of the uncached forward either way."""
+        block_size = self.config.block_size
+        if kv_cache is not None and 0 < kv_cache.length < block_size:
+            assert kv_cache.length == idx.size(1) - 1, "the cache must hold all of idx but its newest token"
+            idx_cond = idx[:, -1:]
+        else:
+            idx_cond = idx if idx.size(1) <= block_size else idx[:, -block_size:]
+            if kv_cache is not None:
+                kv_cache.reset()
+        logits, _ = self(idx_cond, kv_cache=kv_cache)
+        return logits[:, -1, :]
+
+    @torch.no_grad()
     def generate(
         self,
         idx: torch.Tensor,
@@ -208,26 +293,49 @@ class GPT(nn.Module):
         top_k: int | None = None,
         generator: torch.Generator | None = None,
         vocab_limit: int | None = None,
+        top_p: float | None = None,
+        stop_token: int | None = None,
+        use_cache: bool = True,
     ) -> torch.Tensor:
-        """Extend the sequences idx (LongTensor (b, t)) by max_new_tokens sampled tokens.
+        """Extend the sequences idx (LongTensor (b, t)) by up to max_new_tokens sampled tokens.
 
         The context is cropped to the last block_size tokens. `generator` makes the
         sampling reproducible; `vocab_limit` (e.g. 50257) never samples the padding ids
-        above GPT-2's real vocabulary. Call model.eval() first.
+        above GPT-2's real vocabulary; `top_k` keeps the k most likely tokens, `top_p` the
+        smallest set whose probability reaches p. Once a row samples `stop_token` it repeats
+        it, and generation ends when every row has. `use_cache=False` re-runs the whole
+        context for every token (same tokens, slower). Call model.eval() first.
         """
+        kv_cache = KVCache(self.config) if use_cache else None
+        stopped = torch.zeros(idx.size(0), 1, dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
-            idx_cond = idx if idx.size(1) <= self.config.block_size else idx[:, -self.config.block_size :]
-            logits, _ = self(idx_cond)
-            logits = logits[:, -1, :] / temperature
+            logits = self.next_logits(idx, kv_cache).float() / temperature
             if vocab_limit is not None:
                 logits[:, vocab_limit:] = -float("Inf")
             if top_k is not None:
                 v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
                 logits[logits < v[:, [-1]]] = -float("Inf")
+            if top_p is not None and top_p < 1.0:
+                logits = top_p_filter(logits, top_p)
             probs = F.softmax(logits, dim=-1)
             idx_next = torch.multinomial(probs, num_samples=1, generator=generator)
+            if stop_token is not None:
+                idx_next = idx_next.masked_fill(stopped, stop_token)
+                stopped |= idx_next == stop_token
             idx = torch.cat((idx, idx_next), dim=1)
+            if stop_token is not None and bool(stopped.all()):
+                break
         return idx
+
+
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus filtering of logits (b, vocab): keep the smallest set of most likely tokens whose
+    probability reaches top_p (at least one token), set the others to -inf."""
+    sorted_logits, sorted_ids = torch.sort(logits, dim=-1, descending=True)
+    probs = F.softmax(sorted_logits, dim=-1)
+    before = probs.cumsum(dim=-1) - probs  # probability of the more likely tokens
+    sorted_logits = sorted_logits.masked_fill(before >= top_p, -float("Inf"))
+    return logits.scatter(-1, sorted_ids, sorted_logits)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

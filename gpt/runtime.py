@@ -84,10 +84,13 @@ def resolve_device(setting: str, local_rank: int | None = None) -> torch.device:
     """`auto` → CUDA when available, else CPU. Under DDP a bare `cuda` means this process's GPU."""
     if setting == "auto":
         setting = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(setting)
+    try:
+        device = torch.device(setting)
+    except RuntimeError:
+        raise RuntimeSetupError(f"device {setting!r} is not a torch device; use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeSetupError(f"train.device={setting} but no CUDA GPU is visible; set train.device=auto or cpu")
+            raise RuntimeSetupError(f"device {setting} was asked for but no CUDA GPU is visible; use auto or cpu")
         if device.index is None:
             device = torch.device("cuda", local_rank or 0)
     return device

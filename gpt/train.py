@@ -51,6 +51,8 @@ from gpt.checkpoint import (
     save_checkpoint,
 )
 from gpt.data import ShardDataset, TrainLoader
+from gpt.encoding import gpt2_encoding
+from gpt.evaluate import read_hellaswag, score_hellaswag
 from gpt.flops import mfu, peak_flops
 from gpt.metrics import METRICS_FILE, EventLog, trim_metrics
 from gpt.model import GPT, GPTConfig
@@ -164,6 +166,30 @@ def estimate_val_loss(model: GPT, val_data: ShardDataset, batch_size: int, max_b
     return (totals[0] / totals[1]).item()
 
 
+@dataclass
+class HellaSwagDuringTraining:
+    """A fixed subset of HellaSwag, scored every train.hellaswag_interval iterations: the first
+    train.hellaswag_items items, the same each time, so the curve moves only with the model."""
+
+    items: list[dict[str, Any]]
+    runtime: Runtime
+    items_per_batch: int
+
+    @classmethod
+    def of(cls, config: PipelineConfig, file: str | Path | None, runtime: Runtime) -> HellaSwagDuringTraining | None:
+        if not config.train.hellaswag_interval:
+            return None
+        if file is None:
+            logger.warning("train.hellaswag_interval is set but no HellaSwag items were given (eval.hellaswag_path, "
+                           "or --hellaswag for python -m gpt.train); training without them")
+            return None
+        return cls(read_hellaswag(file, config.train.hellaswag_items), runtime, config.eval.hellaswag_items_per_batch)
+
+    def score(self, model: GPT) -> dict[str, Any]:
+        scores = score_hellaswag(model, self.items, gpt2_encoding(), self.runtime, items_per_batch=self.items_per_batch)
+        return {"acc": scores["hellaswag_acc"], "acc_norm": scores["hellaswag_acc_norm"], "items": scores["hellaswag_items"]}
+
+
 # ---------------------------------------------------------------------------------------
 # train()
 # ---------------------------------------------------------------------------------------
@@ -221,8 +247,11 @@ def train(
     data_dir: str | Path,
     run_dir: str | Path,
     on_event: Callable[[dict], None] | None = None,
+    hellaswag_file: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Train (or resume, or continue) the run in `run_dir` on the shards in `data_dir`.
+    """Train (or resume, or continue) the run in `run_dir` on the shards in `data_dir`; with
+    `hellaswag_file` and train.hellaswag_interval, score its first train.hellaswag_items items
+    at that interval (and at the start and the end).
 
     Returns run_dir, iterations (the final iteration count), start_iter, resumed,
     latest_checkpoint, val_loss (last evaluation), best_val_loss, tokens_trained,
@@ -233,7 +262,7 @@ def train(
     runtime = setup_runtime(tc.device, tc.dtype, tc.num_threads)
     try:
         with reuse_freed_memory(runtime.device.type == "cpu"):
-            return _train(config, Path(data_dir), Path(run_dir), runtime, on_event)
+            return _train(config, Path(data_dir), Path(run_dir), runtime, on_event, hellaswag_file)
     except torch.OutOfMemoryError:  # the same again would fail the same way: the user's to change
         raise TrainError(
             f"out of memory on {runtime.device} with train.batch_size={tc.batch_size} × model.block_size="
@@ -245,7 +274,8 @@ def train(
 
 
 def _train(
-    config: PipelineConfig, data_dir: Path, run_dir: Path, runtime: Runtime, on_event: Callable[[dict], None] | None
+    config: PipelineConfig, data_dir: Path, run_dir: Path, runtime: Runtime, on_event: Callable[[dict], None] | None,
+    hellaswag_file: str | Path | None,
 ) -> dict[str, Any]:
     tc = config.train
     micro_steps = micro_steps_per_rank(tc.grad_accum_steps, runtime.world_size)
@@ -253,6 +283,7 @@ def _train(
     events = EventLog(run_dir / METRICS_FILE, on_event, enabled=runtime.is_main)
     train_data = ShardDataset(data_dir, "train", config.model.block_size)
     val_data = ShardDataset(data_dir, "val", config.model.block_size)
+    hellaswag = HellaSwagDuringTraining.of(config, hellaswag_file, runtime)
 
     model, optimizer, scaler = build_model(config, runtime)
     loader = TrainLoader(train_data, tc.batch_size, tc.seed, runtime.rank, runtime.world_size)
@@ -309,6 +340,8 @@ def _train(
     if resume_from is None:  # the loss at initialization, like nanoGPT's step 0
         progress.record_val_loss(0, estimate_val_loss(model, val_data, tc.batch_size, tc.eval_iters, runtime))
         events.emit("eval", iter=0, val_loss=progress.val_loss)
+        if hellaswag:
+            events.emit("hellaswag", iter=0, **hellaswag.score(model))
     train_seconds, iters_since_log = 0.0, 0
     for it in range(start_iter, tc.max_iters):
         started = time.perf_counter()
@@ -352,10 +385,12 @@ def _train(
                 )
             progress.record_val_loss(done, val_loss)
             events.emit("eval", iter=done, val_loss=val_loss)
+        if hellaswag and (done % tc.hellaswag_interval == 0 or done == tc.max_iters):
+            events.emit("hellaswag", iter=done, **hellaswag.score(model))
         if done % tc.checkpoint_interval == 0 or done == tc.max_iters:
             last_checkpoint = checkpoint_path(run_dir, done)
             if runtime.is_main:
-                _save(run_dir, model, optimizer, state, config, runtime)
+                _save(run_dir, data_dir, model, optimizer, state, config, runtime)
             events.emit("checkpoint", iter=done, path=str(last_checkpoint))
 
     summary = _summary(run_dir, progress, start_iter, resume_from is not None, last_checkpoint, params, already_complete=False)
@@ -418,7 +453,8 @@ def _continue_schedule(
 
 
 def _save(
-    run_dir: Path, model: GPT, optimizer: torch.optim.Optimizer, state: TrainingState, config: PipelineConfig, runtime: Runtime
+    run_dir: Path, data_dir: Path, model: GPT, optimizer: torch.optim.Optimizer, state: TrainingState,
+    config: PipelineConfig, runtime: Runtime,
 ) -> Path:
     progress = state.progress
     if not all(torch.isfinite(p).all() for p in model.parameters()):
@@ -428,6 +464,7 @@ def _save(
     extra = {
         "val_loss": progress.val_loss if progress.val_loss_iter == progress.iteration else None,  # measured here: keeps the best
         "world_size": runtime.world_size,
+        "data_dir": str(data_dir),  # what the weights were trained on, and whose val split scores them
         "config": redact(config.model_dump(mode="json")),  # a source URL may hold a password
         "code_version": stage_code_version("train"),
     }
@@ -485,6 +522,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path,
                         help="folder with train_*.bin and val_*.bin shards (default: the tokenize artifact of this config)")
     parser.add_argument("--run-dir", type=Path, help="default: <storage.root>/runs/<run_name>")
+    parser.add_argument("--hellaswag", type=Path, help="a HellaSwag jsonl to score every train.hellaswag_interval iterations")
     args = parser.parse_args(argv)
 
     is_main = int(os.environ.get("RANK", "0")) == 0
@@ -495,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
             print(describe(config), flush=True)
         data_dir = args.data_dir or tokenized_data_dir(config, args.config, args.set)
         run_dir = args.run_dir or ArtifactStore(config.storage.root).run_dir(config.run_name)
-        summary = train(config, data_dir, run_dir)
+        summary = train(config, data_dir, run_dir, hellaswag_file=args.hellaswag)
     except (UserError, TransientError) as exc:  # one line; anything else is a bug and keeps its traceback
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 1

@@ -172,6 +172,16 @@ class ArtifactStore:
         except FileNotFoundError:
             raise ArtifactError(f"artifact {stage}/{version} is missing under {self.root}; rerun its stage") from None
 
+    def manifests(self, stage: str) -> list[Manifest]:
+        """The manifests of every complete artifact of a stage, oldest first."""
+        found = []
+        for file in (self.root / stage).glob(f"*/{MANIFEST}"):
+            try:
+                found.append(Manifest.model_validate_json(file.read_text()))
+            except (OSError, ValueError):  # a damaged manifest names no artifact
+                continue
+        return sorted(found, key=lambda manifest: manifest.created_at)
+
     def latest(self, stage: str) -> str | None:
         pointer = self.root / stage / "latest"
         if not pointer.is_file():

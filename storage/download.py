@@ -5,9 +5,10 @@ run exists (and a sidecar `<name>.partial.json` shows it came from the same vers
 the same source), the copy continues from its size: an HTTP `Range` request for
 http(s):// (via requests), `seek` on the fsspec file otherwise. Connection drops, 5xx and
 429 are retried with exponential backoff; 404/403 and friends fail at once with a
-one-line error. A finished copy is checked (size, sha256 when the source publishes one,
-`PAR1` at both ends, a readable parquet footer) before it is renamed to `<name>`, so a
-file under its final name is always complete.
+one-line error. A finished copy is checked (size, sha256 when the source publishes one, and by
+default `PAR1` at both ends and a readable parquet footer; other kinds of file bring
+their own check) before it is renamed to `<name>`, so a file under its final name is
+always complete.
 
 With `max_rows`, only the first row groups that hold max_rows rows (over all sources,
 in order) are read, by range through fsspec, and written as a new, smaller parquet file.
@@ -45,6 +46,7 @@ MAX_RETRY_AFTER_S = 60.0
 PARQUET_MAGIC = b"PAR1"
 
 Progress = Callable[[int, int], None]
+Check = Callable[[str, Path], dict[str, Any]]
 
 
 class DownloadError(UserError):
@@ -82,6 +84,7 @@ def download_sources(
     progress: Progress | None = None,
     *,
     fingerprints: list[dict[str, Any]] | None = None,
+    check: Check | None = None,
     attempts: int = ATTEMPTS,
     backoff_s: float = BACKOFF_S,
     chunk_bytes: int = CHUNK_BYTES,
@@ -92,8 +95,11 @@ def download_sources(
     set. With max_rows, sources after the one that reaches max_rows are not read.
     Pass a dest_dir that survives a failed run to resume its `.partial` files next time,
     and the sources' fingerprints when they were just taken (the version was made from
-    them: the copy is checked against exactly those).
+    them: the copy is checked against exactly those). `check(url, path)` decides whether a
+    finished copy is what it should be (default: a readable parquet file) and returns the
+    fields it adds to the entry; it raises a UserError otherwise.
     """
+    check = check or check_parquet
     if not urls:
         raise DownloadError("no sources to download; check data.source")
     dest_dir = Path(dest_dir)
@@ -113,7 +119,7 @@ def download_sources(
                 progress(done, total)
 
         for name, fingerprint in zip(names, fingerprints):
-            entries.append(_download_whole(fingerprint, dest_dir / name, on_bytes, attempts, backoff_s, chunk_bytes))
+            entries.append(_download_whole(fingerprint, dest_dir / name, on_bytes, check, attempts, backoff_s, chunk_bytes))
     else:
         remaining = max_rows
         for name, fingerprint in zip(names, fingerprints):
@@ -136,7 +142,8 @@ def download_sources(
 
 
 def _download_whole(
-    fingerprint: dict[str, Any], target: Path, on_bytes: Callable[[int], None], attempts: int, backoff_s: float, chunk_bytes: int
+    fingerprint: dict[str, Any], target: Path, on_bytes: Callable[[int], None], check: Check, attempts: int,
+    backoff_s: float, chunk_bytes: int,
 ) -> dict[str, Any]:
     url = fingerprint["url"]
     partial = target.with_name(target.name + ".partial")
@@ -155,12 +162,11 @@ def _download_whole(
         size = partial.stat().st_size
         if fingerprint["size"] is not None and size != fingerprint["size"]:
             raise DownloadFailed(f"{url}: got {size} bytes but the source has {fingerprint['size']}; run the download again")
-        _check_parquet_magic(url, partial)
         sha256 = sha256_file(partial)
         if fingerprint.get("sha256") and sha256 != fingerprint["sha256"]:
             raise DownloadFailed(f"{url}: sha256 {sha256} differs from the published {fingerprint['sha256']}; run the download again")
-        metadata = _read_footer(url, partial)
-    except (DownloadError, DownloadFailed):
+        details = check(url, partial)
+    except (UserError, DownloadFailed):
         partial.unlink(missing_ok=True)
         sidecar.unlink(missing_ok=True)
         raise
@@ -172,8 +178,7 @@ def _download_whole(
         "bytes": size,
         "sha256": sha256,
         "etag": fingerprint.get("etag"),
-        "row_groups": metadata.num_row_groups,
-        "rows": metadata.num_rows,
+        **details,
     }
 
 
@@ -316,6 +321,13 @@ def _not_parquet(url: str, detail: str) -> DownloadError:
         f"{url} is not a complete parquet file ({detail}); point data.source at FineWeb-style .parquet files "
         "or re-upload the source if it was cut short"
     )
+
+
+def check_parquet(url: str, path: Path) -> dict[str, Any]:
+    """A complete parquet file (PAR1 at both ends, a readable footer): its row groups and rows."""
+    _check_parquet_magic(url, path)
+    metadata = _read_footer(url, path)
+    return {"row_groups": metadata.num_row_groups, "rows": metadata.num_rows}
 
 
 def _check_parquet_magic(url: str, path: Path) -> None:

@@ -23,7 +23,7 @@ from configs.schema import DataConfig, EvalConfig, ProfileConfig, SampleConfig, 
 from configs.secrets import redact
 from storage.artifacts import PROJECT_ROOT, stable_hash
 from storage.demo_corpus import resolve_demo_source
-from storage.fs import expand_sources, source_fingerprint
+from storage.fs import SourceError, expand_sources, source_fingerprint
 
 PROJECT_PACKAGES = ("configs", "flows", "gpt", "storage", "tasks")
 # The module whose code builds each stage's artifact; what it imports is found from it.
@@ -32,6 +32,7 @@ STAGE_MODULES = {
     "profile": "tasks.profile",
     "tokenize": "tasks.tokenize",
     "train": "gpt.train",
+    "hellaswag": "tasks.hellaswag",
     "evaluate": "tasks.evaluate",
     "sample": "tasks.sample",
 }
@@ -127,6 +128,16 @@ def plan_download(data: DataConfig, storage_root: str | os.PathLike) -> Download
     return DownloadPlan(version=version, urls=urls, fingerprints=fingerprints)
 
 
+def plan_hellaswag(source: str, storage_root: str | os.PathLike) -> DownloadPlan:
+    """The HellaSwag file's fingerprint and the version of its copy in the store."""
+    urls = expand_sources([source])
+    if len(urls) != 1:
+        raise SourceError(f"eval.hellaswag_path {source} names {len(urls)} files; name one HellaSwag jsonl")
+    fingerprints = [source_fingerprint(urls[0])]
+    version = stable_hash({"source": redact(fingerprints[0]), "code": stage_code_version("hellaswag")})
+    return DownloadPlan(version=version, urls=urls, fingerprints=fingerprints)
+
+
 def plan_profile(download_version: str, data: DataConfig, profile: ProfileConfig) -> str:
     return stable_hash({"download": download_version, "text_column": data.text_column,
                         "profile": profile.model_dump(exclude={"memory_limit"}),  # how, not what: same report
@@ -139,10 +150,11 @@ def plan_tokenize(download_version: str, data: DataConfig, tokenize: TokenizeCon
                         "code": stage_code_version("tokenize")})
 
 
-def plan_evaluate(checkpoint_id: str, tokenize_version: str, config: EvalConfig) -> str:
-    """`checkpoint_id`: gpt.checkpoint.checkpoint_identity of the scored checkpoint."""
-    return stable_hash({"checkpoint": checkpoint_id, "tokenize": tokenize_version,
-                        "eval": config.model_dump(), "code": stage_code_version("evaluate")})
+def plan_evaluate(checkpoint_id: str, tokenize_version: str, hellaswag_version: str | None, config: EvalConfig) -> str:
+    """`checkpoint_id`: gpt.checkpoint.checkpoint_identity of the scored checkpoint; the HellaSwag
+    items are named by their artifact's version, not by where they were fetched from."""
+    return stable_hash({"checkpoint": checkpoint_id, "tokenize": tokenize_version, "hellaswag": hellaswag_version,
+                        "eval": config.model_dump(exclude={"hellaswag_path"}), "code": stage_code_version("evaluate")})
 
 
 def plan_sample(checkpoint_id: str, config: SampleConfig) -> str:

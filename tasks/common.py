@@ -29,6 +29,8 @@ def run_cached_stage(task: Task, store: ArtifactStore, version: str, **parameter
     fresh = not store.exists(task.name, version)
     state = task.with_options(refresh_cache=fresh)(store=store, version=version, return_state=True, **parameters)
     result = state.result()  # raises the task's error when it failed
+    if state.name == "Cached":
+        print(f"{task.name}: cache hit, artifact {version} reused ({store.path(task.name, version)})")
     return result, state.name == "Cached"
 
 

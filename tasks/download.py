@@ -25,17 +25,11 @@ STAGE = "download"
 def download(store: ArtifactStore, version: str, urls: list[str], fingerprints: list[dict[str, Any]],
              data: DataConfig, ui_name: str) -> dict[str, Any]:
     """Copy every source into `<root>/download/<version>/data/`; partial files survive a crash."""
-    incoming = store.root / STAGE / f".incoming-{version}"  # stable, so a retry resumes the bytes it has
+    incoming = incoming_folder(store, STAGE, version)
     progress = ProgressArtifact(f"download of {len(urls)} file(s)", unit="bytes" if data.max_rows is None else "rows")
 
     def build(folder: Path) -> dict[str, Any]:
-        files = download_sources(urls, incoming, max_rows=data.max_rows, progress=progress.update, fingerprints=fingerprints)
-        (folder / "data").mkdir()
-        for entry in files:
-            name = Path(entry["file"]).name
-            os.replace(incoming / name, folder / "data" / name)
-            entry["file"] = f"data/{name}"
-        shutil.rmtree(incoming, ignore_errors=True)
+        files = download_into(folder / "data", incoming, urls, fingerprints, max_rows=data.max_rows, progress=progress.update)
         return {"files": files, "bytes": sum(f["bytes"] for f in files), "rows": sum(f.get("rows") or 0 for f in files)}
 
     manifest = store.publish(STAGE, version, build, inputs={"sources": fingerprints},
@@ -49,6 +43,26 @@ def download(store: ArtifactStore, version: str, urls: list[str], fingerprints: 
     )
     print(f"download {version}: {len(rows)} file(s), {human_bytes(manifest.metrics['bytes'])} in {store.path(STAGE, version)}")
     return store.ref(STAGE, version).to_dict()
+
+
+def incoming_folder(store: ArtifactStore, stage: str, version: str) -> Path:
+    """Where a stage's download lands before it is published: the same for every attempt, so a
+    retry (or the next run) resumes the bytes an earlier one fetched."""
+    return store.root / stage / f".incoming-{version}"
+
+
+def download_into(folder: Path, incoming: Path, urls: list[str], fingerprints: list[dict[str, Any]],
+                  **options: Any) -> list[dict[str, Any]]:
+    """storage.download.download_sources into `incoming`, then the files moved into `folder`
+    (a stage's artifact folder being built); the entries name them relative to its parent."""
+    files = download_sources(urls, incoming, fingerprints=fingerprints, **options)
+    folder.mkdir(parents=True)
+    for entry in files:
+        name = Path(entry["file"]).name
+        os.replace(incoming / name, folder / name)
+        entry["file"] = f"{folder.name}/{name}"
+    shutil.rmtree(incoming, ignore_errors=True)
+    return files
 
 
 def parquet_files(download_ref: dict[str, Any]) -> list[Path]:

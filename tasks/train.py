@@ -83,13 +83,15 @@ def model_card(config: PipelineConfig, train_tokens: int | None) -> str:
     return f"# Model card: {config.name} / {config.run_name}\n\n{describe(config)}\n\n{markdown_table(rows)}\n"
 
 
-def _train_with_torchrun(config: PipelineConfig, data_dir: Path, folder: Path) -> dict[str, Any]:
+def _train_with_torchrun(config: PipelineConfig, data_dir: Path, folder: Path, hellaswag_file: str | None = None) -> dict[str, Any]:
     """Launch `torchrun -m gpt.train` for several processes, streaming its output into the task's logs."""
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
         yaml.safe_dump(redact(config.model_dump()), handle)  # the trainer gets --data-dir: no source URL is needed
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={config.train.nproc_per_node}", "-m", "gpt.train",
                "--config", handle.name, "--data-dir", str(data_dir), "--run-dir", str(folder)]
+    if hellaswag_file:
+        command += ["--hellaswag", hellaswag_file]
     last_line, user_error = "", None
     try:
         with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as process:
@@ -109,9 +111,12 @@ def _train_with_torchrun(config: PipelineConfig, data_dir: Path, folder: Path) -
 
 
 @task(name=STAGE, retries=1, retry_delay_seconds=5, retry_condition_fn=retry_unless_user_error, log_prints=True)
-def train(store: ArtifactStore, config: PipelineConfig, tokenize_ref: dict[str, Any], ui_name: str) -> dict[str, Any]:
-    """Train (or resume, or continue) the run `runs/<run_name>` and publish its curves and checkpoints."""
+def train(store: ArtifactStore, config: PipelineConfig, tokenize_ref: dict[str, Any], hellaswag_ref: dict[str, Any] | None,
+          ui_name: str) -> dict[str, Any]:
+    """Train (or resume, or continue) the run `runs/<run_name>` and publish its curves and checkpoints.
+    The HellaSwag artifact, when given, is scored on a subset every `train.hellaswag_interval` iterations."""
     data_dir = Path(tokenize_ref["path"])
+    hellaswag_file = hellaswag_ref["file"] if hellaswag_ref else None
     folder = store.run_dir(config.run_name)
     train_tokens = store.manifest("tokenize", tokenize_ref["version"]).metrics["tokens"]["train"]
     create_markdown_artifact(key=ui_key(ui_name, "model-card"), markdown=model_card(config, train_tokens),
@@ -125,9 +130,9 @@ def train(store: ArtifactStore, config: PipelineConfig, tokenize_ref: dict[str, 
 
     with exclusive_run(folder):
         if config.train.nproc_per_node > 1:
-            result = _train_with_torchrun(config, data_dir, folder)
+            result = _train_with_torchrun(config, data_dir, folder, hellaswag_file)
         else:
-            result = train_gpt(config, data_dir, folder, on_event=on_event)
+            result = train_gpt(config, data_dir, folder, on_event=on_event, hellaswag_file=hellaswag_file)
     progress.update(1, 1)
     if result.get("already_complete"):
         print(f"run {config.run_name} is already at iteration {result['iterations']} "
@@ -137,7 +142,8 @@ def train(store: ArtifactStore, config: PipelineConfig, tokenize_ref: dict[str, 
 
 
 def training_curves(folder: Path, curve: list[dict[str, Any]]) -> str:
-    """The four plots people scrape nanoGPT logs for, plus the LR; also saved as SVGs in the run folder."""
+    """The four plots people scrape nanoGPT logs for, the LR, and HellaSwag when it is scored during
+    training; also saved as SVGs in the run folder."""
 
     def series(key: str) -> list[tuple[float, float]]:
         return [(row["iter"], row[key]) for row in curve if row.get(key) is not None]
@@ -148,6 +154,9 @@ def training_curves(folder: Path, curve: list[dict[str, Any]]) -> str:
         "ms_per_iter": line_chart_svg({"ms/iter": series("ms_per_iter")}, "time per iteration", y_label="ms"),
         "mfu": line_chart_svg({"MFU": series("mfu")}, "model FLOPs utilisation", y_label="fraction of peak"),
     }
+    if series("hellaswag_acc_norm"):
+        charts["hellaswag"] = line_chart_svg({"acc_norm": series("hellaswag_acc_norm"), "acc": series("hellaswag_acc")},
+                                             "HellaSwag (a fixed subset) during training", y_label="accuracy")
     (folder / "curves").mkdir(exist_ok=True)
     sections = [f"# Training curves: {folder.name}\n"]
     for name, svg in charts.items():
@@ -162,8 +171,9 @@ def publish_training_artifacts(config: PipelineConfig, folder: Path, result: dic
     metrics = read_metrics(folder / METRICS_FILE)
     curve = [
         {"iter": m["iter"], "train_loss": m.get("loss"), "val_loss": m.get("val_loss"), "lr": m.get("lr"),
-         "ms_per_iter": m.get("ms_per_iter"), "tokens_per_sec": m.get("tokens_per_sec"), "mfu": m.get("mfu")}
-        for m in metrics if m.get("event") in ("train", "eval")
+         "ms_per_iter": m.get("ms_per_iter"), "tokens_per_sec": m.get("tokens_per_sec"), "mfu": m.get("mfu"),
+         "hellaswag_acc": m.get("acc"), "hellaswag_acc_norm": m.get("acc_norm")}
+        for m in metrics if m.get("event") in ("train", "eval", "hellaswag")
     ]
     if curve:
         create_table_artifact(key=ui_key(ui_name, "loss-curve"), table=curve,

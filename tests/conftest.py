@@ -55,6 +55,30 @@ def fineweb_parquet(tmp_path_factory) -> bytes:
 
 
 @pytest.fixture(scope="session")
+def hellaswag_file(tmp_path_factory) -> Path:
+    """A HellaSwag validation jsonl of 200 items: the real ones of ../shared when it is there, else
+    items made from the demo corpus (the true continuation of a sentence against three others)."""
+    path = tmp_path_factory.mktemp("hellaswag") / "hellaswag_val.jsonl"
+    if HELLASWAG_VAL.exists():
+        with open(HELLASWAG_VAL) as source:
+            path.write_text("".join(line for _, line in zip(range(200), source)))
+        return path
+    import random
+
+    from storage.demo_corpus import demo_documents
+
+    sentences = [s.strip() for row in demo_documents() for s in row["text"].split(". ") if 40 < len(s.strip()) < 200]
+    rng = random.Random(0)
+    items = []
+    for i in range(200):
+        endings = [sentences[2 * i + 1]] + rng.sample(sentences, 3)
+        order = rng.sample(range(4), 4)
+        items.append({"ind": i, "ctx": sentences[2 * i], "endings": [endings[j] for j in order], "label": order.index(0)})
+    path.write_text("".join(json.dumps(item) + "\n" for item in items))
+    return path
+
+
+@pytest.fixture(scope="session")
 def loopback_hub(fineweb_parquet):
     """A loopback Hugging Face Hub (tests/hub_server.py) holding FineWeb's CC-MAIN-2013-20 files
     000_00000 and 000_00001, for the whole session."""

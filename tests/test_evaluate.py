@@ -54,7 +54,7 @@ def test_sampling_is_reproducible(trained):
     checkpoint, _ = trained
     config = SampleConfig(prompt="The", num_samples=2, max_new_tokens=8, seed=5)
     texts = sample(checkpoint, config, device="cpu")
-    assert len(texts) == 2 and all(t.startswith("The") for t in texts)
+    assert len(texts) == 2 and all(t.text.startswith("The") for t in texts)
     assert sample(checkpoint, config, device="cpu") == texts
     assert sample(checkpoint, config.model_copy(update={"seed": 6}), device="cpu") != texts
 

@@ -107,17 +107,18 @@ def test_a_killed_trainer_is_retried_by_prefect_and_resumes(prepared, prefect_se
     assert train["state_type"] == "COMPLETED" and train["run_count"] == 2
 
 
-@pytest.mark.parametrize("module", ["flows.fineweb_pretrain", "gpt.train"])
-def test_a_bug_keeps_its_traceback(module, monkeypatch):
+@pytest.mark.parametrize(("module", "reads_config"), [("flows.fineweb_pretrain", "flows.common"),
+                                                     ("flows.fineweb_evaluate", "flows.common"), ("gpt.train", "gpt.train"),
+                                                     ("gpt.sample", "gpt.sample")])
+def test_a_bug_keeps_its_traceback(module, reads_config, monkeypatch):
     """A CLI turns only user and transient errors into one line; anything else propagates, so
     the interpreter prints its traceback for the bug report."""
     import importlib
 
-    cli = importlib.import_module(module)
-
     def broken(*args, **kwargs):
         raise ZeroDivisionError("a bug")
 
-    monkeypatch.setattr(cli, "load_config", broken)
+    monkeypatch.setattr(importlib.import_module(reads_config), "load_config", broken)
+    arguments = ["--config", "configs/demo.yaml"] + (["--run", "demo"] if module == "gpt.sample" else [])
     with pytest.raises(ZeroDivisionError, match="a bug"):
-        cli.main(["--config", "configs/demo.yaml"])
+        importlib.import_module(module).main(arguments)

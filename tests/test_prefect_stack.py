@@ -110,13 +110,14 @@ def test_deployment_run_then_continuation_resumes_from_the_last_checkpoint(stack
     assert "already at iteration 160" in again["log_text"]
 
 
-def test_rehearsal_of_the_seed_run_from_the_hub_then_its_continuation(stack, loopback_hub):
+def test_rehearsal_of_the_seed_run_from_the_hub_then_its_continuation(stack, loopback_hub, hellaswag_file):
     """`fineweb-pretrain/fineweb-40m` as a user runs it, with only the iterations, the micro-batch, the
     accumulation and the eval sizes shrunk: the 12 × 12 × 384 model at block 1024 trains on its hf://
-    source, then `continue-to-20k` (its target shrunk the same way) resumes it."""
+    source, then `continue-to-20k` (its target shrunk the same way) resumes it. HellaSwag comes from a
+    local file, as it does offline."""
     stack, root = stack
-    shrunk = {"train": {"max_iters": 2, "batch_size": 1, "grad_accum_steps": 1, "eval_iters": 1},
-              "eval": {"max_batches": 1, "batch_size": 1}}
+    shrunk = {"train": {"max_iters": 2, "batch_size": 1, "grad_accum_steps": 1, "eval_iters": 1, "hellaswag_items": 4},
+              "eval": {"max_batches": 1, "batch_size": 1, "hellaswag_path": str(hellaswag_file), "hellaswag_max_items": 4}}
     loopback_hub.clear_log()
     first = run_deployment(stack, "fineweb-pretrain/fineweb-40m", "--param", f"overrides={json.dumps(shrunk)}")
     assert first["state"]["type"] == "COMPLETED", first["log_text"][-3000:]
@@ -129,6 +130,7 @@ def test_rehearsal_of_the_seed_run_from_the_hub_then_its_continuation(stack, loo
 
     [card] = api(stack, "POST", "/artifacts/latest/filter", json={"artifacts": {"key": {"any_": ["fineweb-40m-model-card"]}}})
     assert "40.56M parameters" in card["data"] and "12 layers × 12 heads × n_embd 384, block 1024" in card["data"]
+    assert "iter 2: HellaSwag acc_norm" in first["log_text"]  # scored during training, as the preset asks
     checkpoints = root / "runs" / "fineweb-40m" / "checkpoints"
     assert [p.name for p in sorted(checkpoints.glob("step_*"))] == ["step_000002"]
     model = json.loads((checkpoints / "step_000002" / "state.json").read_text())["config"]["model"]

@@ -270,3 +270,21 @@ def test_a_checkpoint_of_an_unknown_format_is_refused_in_one_line(shards, tmp_pa
         train(tiny_config(max_iters=4, checkpoint_interval=2), shards, tmp_path / "run")
     assert "checkpoint format 3" in str(error.value) and "reads formats 1 to 2" in str(error.value)
     assert "\n" not in str(error.value)
+
+
+def test_hellaswag_is_scored_on_a_fixed_subset_during_training(shards, tmp_path, hellaswag_file):
+    events = []
+    config = tiny_config(max_iters=12, hellaswag_interval=5, hellaswag_items=8)
+    train(config, shards, tmp_path / "run", on_event=events.append, hellaswag_file=hellaswag_file)
+    scored = [e for e in events if e["event"] == "hellaswag"]
+    assert [e["iter"] for e in scored] == [0, 5, 10, 12]  # the start, every 5 iterations, the end
+    assert all(e["items"] == 8 and 0 <= e["acc_norm"] <= 1 and 0 <= e["acc"] <= 1 for e in scored)
+    assert [e["iter"] for e in read_metrics(tmp_path / "run") if e["event"] == "hellaswag"] == [0, 5, 10, 12]
+
+
+def test_hellaswag_interval_without_items_trains_without_them(shards, tmp_path, caplog):
+    events = []
+    with caplog.at_level("WARNING"):
+        train(tiny_config(max_iters=2, hellaswag_interval=1), shards, tmp_path / "run", on_event=events.append)
+    assert not [e for e in events if e["event"] == "hellaswag"]
+    assert "train.hellaswag_interval is set but no HellaSwag items were given" in caplog.text

@@ -61,7 +61,7 @@ def test_a_code_change_reaches_the_stages_after_it(project, monkeypatch):
     def stage_versions() -> dict[str, str]:
         tokenize = plan_tokenize(download, config.data, config.tokenize)
         return {"profile": plan_profile(download, config.data, config.profile), "tokenize": tokenize,
-                "evaluate": plan_evaluate("checkpoint", tokenize, config.eval)}
+                "evaluate": plan_evaluate("checkpoint", tokenize, None, config.eval)}
 
     before = stage_versions()
     touch(project / "gpt" / "tokenize_worker.py")
