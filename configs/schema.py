@@ -8,6 +8,7 @@ and to one place in the code. Unknown keys and bad values are rejected with a on
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,6 +24,18 @@ STORAGE_ROOT_ENV = "FWP_STORAGE_ROOT"
 
 class ConfigError(UserError):
     """A config file or override that cannot be used; the message is one line."""
+
+
+# A name that becomes a folder (a run under <storage.root>/runs): it can neither climb out of the
+# store (no "/", no leading ".") nor surprise a shell.
+FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def check_folder_name(value: str, what: str) -> str:
+    if not FOLDER_NAME.fullmatch(value):
+        raise ValueError(f"{what} {value!r} names a folder under storage.root: use up to 100 letters, digits, "
+                         "'.', '_' or '-', starting with a letter or digit")
+    return value
 
 
 class Section(BaseModel):
@@ -147,6 +160,11 @@ class TrainConfig(Section):
     nproc_per_node: int = Field(default=1, ge=1, description=">1 launches torchrun from the train task")
     seed: int = 1337
 
+    @field_validator("run_name")
+    @classmethod
+    def _run_name_is_a_folder_name(cls, value: str | None) -> str | None:
+        return None if value is None else check_folder_name(value, "train.run_name")
+
     @model_validator(mode="after")
     def _lr_order(self) -> TrainConfig:
         if self.min_lr > self.learning_rate:
@@ -208,6 +226,12 @@ class PipelineConfig(Section):
     @property
     def run_name(self) -> str:
         return self.train.run_name or self.name
+
+    @model_validator(mode="after")
+    def _default_run_name_is_a_folder_name(self) -> PipelineConfig:
+        if self.train.run_name is None:
+            check_folder_name(self.name, "the run name (the config's name; set train.run_name to choose another)")
+        return self
 
     def tokens_per_iter(self) -> int:
         """Tokens per optimizer step for the whole job (micro-steps are split across ranks)."""
@@ -318,7 +342,7 @@ def _one_line(error: ValidationError, origin: str) -> str:
         else:
             got = item.get("input")
             shown = f" (got {got!r})" if not isinstance(got, dict) else ""
-            problems.append(f"{where}: {item['msg']}{shown}")
+            problems.append(f"{where}: {item['msg'].removeprefix('Value error, ')}{shown}")
     return f"invalid config {origin}: " + "; ".join(problems) + " — fix the YAML or the --set override"
 
 

@@ -19,8 +19,7 @@ from prefect import flow
 
 from configs import PipelineConfig, PipelineOverrides, describe, load_config
 from configs.errors import UserError
-from flows.common import config_arguments, flow_run_name, run_flow_cli
-from flows.fineweb_evaluate import hellaswag_items, score_checkpoint
+from flows.common import config_arguments, flow_run_name, hellaswag_artifact, run_flow_cli, score_checkpoint
 from storage.artifacts import ArtifactStore
 from storage.versions import plan_download, plan_profile, plan_tokenize
 from tasks.common import run_cached_stage
@@ -87,8 +86,10 @@ def run_pipeline(cfg: PipelineConfig, until: Stage | None = None, continue_run: 
     if record("tokenize", shards, hit):
         return summary
 
-    hellaswag_ref, hit = hellaswag_items(cfg, store)
-    if hellaswag_ref is not None and record("hellaswag", hellaswag_ref, hit):
+    hellaswag_ref, hit = hellaswag_artifact(cfg, store)
+    if hellaswag_ref is not None:
+        record("hellaswag", hellaswag_ref, hit)
+    if until == "hellaswag":
         return summary
 
     trained = train(store=store, config=cfg, tokenize_ref=shards, hellaswag_ref=hellaswag_ref, ui_name=ui)

@@ -64,7 +64,7 @@ def evaluate(checkpoint_dir: str | Path, data_dir: str | Path, eval_config: Eval
     token_bytes = torch.tensor(utf8_bytes_per_token(encoding), dtype=torch.int64)
     loss_sum, tokens, num_bytes, batches = 0.0, 0, 0, 0
     with reuse_freed_memory(torch_device.type == "cpu"):  # the logits are big blocks, as in training
-        with torch.no_grad(), _autocast(torch_device, dtype):
+        with torch.no_grad(), Runtime.single(torch_device, dtype).autocast():
             for x, y in val.sequential_batches(eval_config.batch_size, eval_config.max_batches):
                 _, loss = model(x.to(torch_device), y.to(torch_device))
                 loss_sum += loss.item() * y.numel()
@@ -93,10 +93,6 @@ def utf8_bytes_per_token(encoding: Any) -> np.ndarray:
     lengths = np.array([len(encoding.decode_single_token_bytes(i)) for i in range(encoding.n_vocab)], dtype=np.int64)
     lengths[EOT] = 1
     return lengths
-
-
-def _autocast(device: torch.device, dtype: torch.dtype):
-    return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
 # ---------------------------------------------------------------------------------------
@@ -270,4 +266,4 @@ def as_runtime(runtime: Runtime | torch.device | str, dtype: torch.dtype | None 
     """A Runtime as given (`dtype` overrides its precision), or one process on a bare device."""
     if isinstance(runtime, Runtime):
         return runtime if dtype is None or dtype == runtime.dtype else replace(runtime, dtype=dtype)
-    return Runtime(device=torch.device(runtime), dtype=dtype or torch.float32)
+    return Runtime.single(runtime, dtype or torch.float32)

@@ -19,6 +19,7 @@ from typing import Any
 from storage.artifacts import write_text_atomic
 
 METRICS_FILE = "metrics.jsonl"
+METRICS_FORMAT = 2  # in every start event; format 1 counted train events' `iter` from 0
 
 logger = logging.getLogger("gpt.train")
 
@@ -81,14 +82,23 @@ def _fmt(value: float | None) -> str:
 
 
 def _metric_lines(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(line, event) for each whole line of a metrics file; a line torn by a kill is skipped."""
+    """(line, event) for each whole line of a metrics file; a line torn by a kill is skipped.
+
+    Files written before METRICS_FORMAT 2 (their start events name no format) counted a train
+    event's `iter` from 0; such events are read with the iterations completed, like the rest."""
     if not path.exists():
         return
+    written_as = 1
     for line in path.read_text().splitlines():
         try:
-            yield line, json.loads(line)
+            event = json.loads(line)
         except ValueError:
             continue
+        if event.get("event") == "start":
+            written_as = event.get("metrics_format", 1)
+        if written_as == 1 and event.get("event") == "train" and event.get("iter") is not None:
+            event["iter"] += 1
+        yield line, event
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -41,6 +41,11 @@ class Runtime:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @classmethod
+    def single(cls, device: torch.device | str, dtype: torch.dtype = torch.float32) -> Runtime:
+        """One process on `device` (evaluation, sampling): no DDP."""
+        return cls(device=torch.device(device), dtype=dtype)
+
     def autocast(self) -> AbstractContextManager:
         """Mixed precision for forward passes (a no-op in float32)."""
         if self.dtype == torch.float32:

@@ -37,7 +37,7 @@ from configs.errors import TransientError, UserError
 from configs.schema import SampleConfig, load_config
 from gpt.checkpoint import load_model, select_checkpoint
 from gpt.encoding import EOT, gpt2_encoding
-from gpt.runtime import resolve_device, resolve_dtype
+from gpt.runtime import Runtime, resolve_device, resolve_dtype
 from storage.artifacts import ArtifactStore
 
 
@@ -71,7 +71,7 @@ def sample(checkpoint_dir: str | Path, config: SampleConfig, device: str = "auto
     encoding = gpt2_encoding()
     stop_token = EOT if config.stop_at_eot else None
     samples = []
-    with torch.autocast(device_type=torch_device.type, dtype=dtype, enabled=dtype != torch.float32):
+    with Runtime.single(torch_device, dtype).autocast():
         for prompt in config.prompts:
             prompt_tokens = encoding.encode(prompt, allowed_special={"<|endoftext|>"}) or [EOT]
             context = torch.tensor([prompt_tokens], dtype=torch.long, device=torch_device)

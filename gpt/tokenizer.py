@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from configs.errors import UserError
+from configs.errors import TransientError, UserError
 from gpt.encoding import EOT, gpt2_encoding_arguments
 from gpt.tokenize_worker import Encoded, EncoderFailed, encoded_in_order
 from storage.shards import ShardWriter
@@ -36,6 +36,10 @@ BATCH_ROWS = 256  # documents per job (~0.4 M tokens of FineWeb, ~0.1 s): big en
 
 class TokenizeError(UserError):
     """Input the tokenizer or the tokenize stage cannot use; the message is one line."""
+
+
+class TokenizerCrashed(TransientError):
+    """A tokenizer helper process died (killed, out of memory); running again starts over."""
 
 
 def is_val_document(seed: int, file_index: int, row_index: int, val_fraction: float) -> bool:
@@ -269,7 +273,7 @@ def tokenize_parquet(
         for writer in writers.values():
             writer.remove_written()
         if isinstance(error, EncoderFailed):
-            raise TokenizeError(str(error)) from None
+            raise TokenizerCrashed(f"{error}; run again (no shard of this run was kept)") from None
         raise
     seconds = time.perf_counter() - started
 

@@ -54,7 +54,7 @@ from gpt.data import ShardDataset, TrainLoader
 from gpt.encoding import gpt2_encoding
 from gpt.evaluate import read_hellaswag, score_hellaswag
 from gpt.flops import mfu, peak_flops
-from gpt.metrics import METRICS_FILE, EventLog, trim_metrics
+from gpt.metrics import METRICS_FILE, METRICS_FORMAT, EventLog, trim_metrics
 from gpt.model import GPT, GPTConfig
 from gpt.rng import RngState, iteration_seed, seed_everything
 from gpt.runtime import Runtime, reuse_freed_memory, setup_runtime
@@ -62,6 +62,9 @@ from gpt.schedule import Schedule
 from storage.artifacts import ArtifactStore
 from storage.versions import plan_download, plan_tokenize, stage_code_version
 
+# Where a rank launched by the train task writes the kind of error it stopped on (user or transient),
+# suffixed with its rank: torchrun's own exit status says only that a rank failed.
+ERROR_FILE_ENV = "FWP_ERROR_FILE"
 # Model settings that must match to resume a run (dropout may change between sessions).
 ARCHITECTURE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")
 # Train settings that shape the LR schedule; on resume the checkpoint's schedule wins.
@@ -168,8 +171,9 @@ def estimate_val_loss(model: GPT, val_data: ShardDataset, batch_size: int, max_b
 
 @dataclass
 class HellaSwagDuringTraining:
-    """A fixed subset of HellaSwag, scored every train.hellaswag_interval iterations: the first
-    train.hellaswag_items items, the same each time, so the curve moves only with the model."""
+    """A fixed subset of HellaSwag, scored every train.hellaswag_interval iterations:
+    train.hellaswag_items items spread over the file, the same each time, so the curve moves
+    only with the model."""
 
     items: list[dict[str, Any]]
     runtime: Runtime
@@ -250,7 +254,7 @@ def train(
     hellaswag_file: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train (or resume, or continue) the run in `run_dir` on the shards in `data_dir`; with
-    `hellaswag_file` and train.hellaswag_interval, score its first train.hellaswag_items items
+    `hellaswag_file` and train.hellaswag_interval, score train.hellaswag_items of its items
     at that interval (and at the start and the end).
 
     Returns run_dir, iterations (the final iteration count), start_iter, resumed,
@@ -312,6 +316,7 @@ def _train(
     job_peak = device_peak * runtime.world_size if device_peak else None
     events.emit(
         "start",
+        metrics_format=METRICS_FORMAT,
         run_dir=str(run_dir),
         data_dir=str(data_dir),
         params=params,
@@ -536,6 +541,9 @@ def main(argv: list[str] | None = None) -> int:
         summary = train(config, data_dir, run_dir, hellaswag_file=args.hellaswag)
     except (UserError, TransientError) as exc:  # one line; anything else is a bug and keeps its traceback
         print(f"error: {exc}", file=sys.stderr, flush=True)
+        if os.environ.get(ERROR_FILE_ENV):
+            kind = "user" if isinstance(exc, UserError) else "transient"
+            Path(f"{os.environ[ERROR_FILE_ENV]}.{os.environ.get('RANK', '0')}").write_text(json.dumps({"kind": kind, "message": str(exc)}))
         return 1
     if is_main:
         print(json.dumps(summary), flush=True)

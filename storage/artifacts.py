@@ -3,6 +3,7 @@
     <root>/<stage>/<version>/manifest.json   ← written last; its presence means "complete"
     <root>/<stage>/<version>/...             ← the stage's files
     <root>/<stage>/latest                    ← text file naming the newest version
+    <root>/.locks/<stage>-<version>          ← held while a version is built, so two flows build it once
 
 A version is a hash of what went in (inputs' versions, the config slice, the code
 version), so the same inputs give the same version and a changed config gives a new
@@ -12,6 +13,7 @@ into place, so a crash never leaves a half-written artifact that looks complete.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -117,6 +119,24 @@ def publish_folder(final: Path, fill: Callable[[Path], T]) -> T:
     return result
 
 
+@contextmanager
+def folder_lock(lock_file: Path, busy: Callable[[str], Exception] | None = None) -> Iterator[None]:
+    """An exclusive lock (flock on `lock_file`, which names its holder) held while the block runs.
+    Without `busy`, wait until it is free; with it, raise busy(holder) at once when it is not."""
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (fcntl.LOCK_NB if busy else 0))
+        except BlockingIOError:
+            handle.seek(0)
+            raise busy(handle.read().strip() or "another process") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+        yield
+
+
 def list_files(folder: Path) -> list[FileEntry]:
     entries = []
     for file in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
@@ -156,8 +176,12 @@ class ArtifactStore:
         return self.root / stage / version
 
     def run_dir(self, run_name: str) -> Path:
-        """The folder of a training run: its checkpoints and metrics.jsonl."""
-        return self.root / "runs" / run_name
+        """The folder of a training run: its checkpoints and metrics.jsonl; never outside the store."""
+        runs = self.root / "runs"
+        folder = (runs / run_name).resolve()
+        if folder.parent != runs.resolve() or run_name.startswith("."):
+            raise ArtifactError(f"run name {run_name!r} would leave {runs}; use letters, digits, '.', '_' or '-'")
+        return folder
 
     def exists(self, stage: str, version: str) -> bool:
         return (self.path(stage, version) / MANIFEST).is_file()
@@ -201,13 +225,21 @@ class ArtifactStore:
     ) -> Manifest:
         """Run `build(tmp_dir) -> metrics`, then checksum, write the manifest and rename into place.
 
-        If the version already exists it is returned untouched. On any error the
-        temporary folder is removed and nothing published before is changed. Credentials
+        If the version already exists it is returned untouched; a flow building the same
+        version at the same time is waited for, then its artifact is returned. On any error
+        the temporary folder is removed and nothing published before is changed. Credentials
         in inputs, config and metrics (a source URL's password, say) are redacted.
         """
         if self.exists(stage, version):
             return self.manifest(stage, version)
         self.ensure_writable()
+        with folder_lock(self.root / ".locks" / f"{stage}-{version}"):  # another flow building the same version: wait for it
+            if self.exists(stage, version):
+                return self.manifest(stage, version)
+            return self._publish(stage, version, build, inputs, config, code)
+
+    def _publish(self, stage: str, version: str, build: Callable[[Path], dict[str, Any]], inputs: dict[str, Any] | None,
+                 config: dict[str, Any] | None, code: str) -> Manifest:
         final = self.path(stage, version)
         final.parent.mkdir(parents=True, exist_ok=True)
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from collections.abc import Callable
+from urllib.parse import urlsplit
 from pathlib import Path
 from typing import Any
 
@@ -28,24 +28,26 @@ import pyarrow.parquet as pq
 import requests  # one streamed, resumable GET for http(s); fsspec would cut it into range reads
 
 from configs.errors import TransientError, UserError
+from configs.secrets import redact
 from storage.artifacts import sha256_file
 from storage.fs import (
+    ATTEMPTS,
+    BACKOFF_S,
     HTTP_TIMEOUT_S,
+    MAX_RETRY_AFTER_S,
     SourceUnreachable,
     auth_headers,
     filesystem,
     protocol_of,
+    retrying,
     source_failure,
     source_fingerprint,
 )
 
 CHUNK_BYTES = 8 << 20  # one ranged read per chunk from object stores; a dropped connection loses at most this
-ATTEMPTS = 5
-BACKOFF_S = 0.5  # first retry waits this long, then twice as long each time
-MAX_RETRY_AFTER_S = 60.0
 PARQUET_MAGIC = b"PAR1"
 
-Progress = Callable[[int, int], None]
+ProgressCallback = Callable[[int, int], None]
 Check = Callable[[str, Path], dict[str, Any]]
 
 
@@ -58,18 +60,15 @@ class DownloadFailed(TransientError):
     changed while it was read), after this module's own retries; running again resumes it."""
 
 
-class _Transient(Exception):
-    """A failure worth retrying now (dropped connection, 5xx, 429), with the server's Retry-After if any."""
-
-    def __init__(self, message: str, retry_after: float | None = None):
-        super().__init__(message)
-        self.retry_after = retry_after
+class _Transient(SourceUnreachable):
+    """A failure worth retrying now (dropped connection, 5xx, 429, a partial file to throw away)."""
 
 
 def local_names(urls: list[str]) -> list[str]:
     """File names for the sources: their basenames, or as many trailing path parts as make
-    them unique (FineWeb repeats 000_00000.parquet in every dump folder)."""
-    parts = [url.split("?", 1)[0].rstrip("/").split("/") for url in urls]
+    them unique (FineWeb repeats 000_00000.parquet in every dump folder). Only the URLs'
+    paths are used: a host (or the password before it) never becomes part of a name."""
+    parts = [(urlsplit(url).path if "://" in url else url).rstrip("/").split("/") for url in urls]
     for depth in range(1, max(len(p) for p in parts) + 1):
         names = ["_".join(p[-depth:]) for p in parts]
         if len(set(names)) == len(names):
@@ -81,7 +80,7 @@ def download_sources(
     urls: list[str],
     dest_dir: Path,
     max_rows: int | None = None,
-    progress: Progress | None = None,
+    progress: ProgressCallback | None = None,
     *,
     fingerprints: list[dict[str, Any]] | None = None,
     check: Check | None = None,
@@ -148,7 +147,7 @@ def _download_whole(
     url = fingerprint["url"]
     partial = target.with_name(target.name + ".partial")
     sidecar = target.with_name(target.name + ".partial.json")
-    origin = {key: fingerprint.get(key) for key in ("url", "size", "etag", "mtime_ns")}
+    origin = redact({key: fingerprint.get(key) for key in ("url", "size", "etag", "mtime_ns")})  # written to disk
     if partial.exists() and _read_json(sidecar) != origin:  # left by another source or version: useless
         partial.unlink()
     sidecar.write_text(json.dumps(origin))
@@ -204,8 +203,8 @@ def _fetch_http(url: str, partial: Path, size: int | None, chunk_bytes: int, on_
                 for chunk in response.iter_content(chunk_bytes):
                     out.write(chunk)
                     on_bytes(len(chunk))
-    except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
-        raise _Transient(f"{url}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+    except Exception as exc:  # a dropped connection is retried; a full disk is said in one line
+        raise _classify(url, exc) from None
     got = partial.stat().st_size
     if size is not None and got < size:
         raise _Transient(f"{url}: connection closed after {got} of {size} bytes")
@@ -278,18 +277,13 @@ def _copy_first_row_groups(fingerprint: dict[str, Any], target: Path, max_rows: 
 
 
 def _retrying(url: str, attempts: int, backoff_s: float, action: Callable[[], Any]) -> Any:
-    """Run action, retrying _Transient failures with exponential backoff (or the server's Retry-After)."""
-    for attempt in range(1, attempts + 1):
-        try:
-            return action()
-        except _Transient as exc:
-            if attempt == attempts:
-                raise DownloadFailed(
-                    f"{url}: still failing after {attempts} attempts ({exc}); run again later — a .partial download is resumed"
-                ) from None
-            delay = exc.retry_after if exc.retry_after is not None else backoff_s * 2 ** (attempt - 1)
-            time.sleep(delay)
-    raise AssertionError("unreachable")
+    """action() with storage.fs's retries; when they run out, a DownloadFailed that says a rerun resumes."""
+    try:
+        return retrying(action, attempts, backoff_s)
+    except SourceUnreachable as exc:
+        raise DownloadFailed(
+            f"{url}: still failing after {attempts} attempts ({exc}); run again later — a .partial download is resumed"
+        ) from None
 
 
 def _check_status(url: str, response: requests.Response) -> None:
@@ -308,12 +302,15 @@ def _retry_after(value: str | None) -> float | None:
         return None
 
 
-def _classify(url: str, exc: BaseException) -> Exception:
-    """A backend's exception as _Transient (retry now) or DownloadError (give up), by storage.fs's reading."""
+def _classify(url: str, exc: BaseException) -> BaseException:
+    """A backend's exception as _Transient (retry now) or DownloadError (give up), by storage.fs's
+    reading; one it does not recognise (a bug) as it is."""
     failure = source_failure(url, exc)
     if isinstance(failure, SourceUnreachable):
-        return _Transient(str(failure))
-    return DownloadError(str(failure))
+        return _Transient(str(failure), failure.retry_after)
+    if isinstance(failure, UserError):
+        return DownloadError(str(failure))
+    return failure
 
 
 def _not_parquet(url: str, detail: str) -> DownloadError:

@@ -13,9 +13,13 @@ mirror) for `hf://` and for https URLs on the Hub, `AWS_*` or `~/.aws` for `s3:/
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import os
-from typing import Any
+import socket
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import aiohttp  # fsspec's http backend: its errors are network errors
@@ -31,6 +35,9 @@ GLOB_CHARS = "*?["
 HUGGING_FACE_ENDPOINT = "https://huggingface.co"
 TRANSIENT_STATUS = {408, 425, 429, 500, 502, 503, 504}
 HTTP_TIMEOUT_S = (15, 60)  # connect, read
+ATTEMPTS = 5
+BACKOFF_S = 0.5  # the first retry waits this long, then twice as long each time
+MAX_RETRY_AFTER_S = 60.0
 # Network failures of clients that are neither OSErrors nor requests/aiohttp errors (botocore,
 # urllib3, httpx as used by huggingface_hub), by class name so no backend has to be imported.
 TRANSIENT_ERROR_NAMES = {
@@ -44,7 +51,29 @@ class SourceError(UserError):
 
 
 class SourceUnreachable(TransientError):
-    """A source that could not be reached right now (network, 5xx, rate limit); one line."""
+    """A source that could not be reached right now (network, 5xx, rate limit); one line. A
+    server's Retry-After, when it sent one, is kept for the next attempt."""
+
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+Result = TypeVar("Result")
+
+
+def retrying(action: Callable[[], Result], attempts: int = ATTEMPTS, backoff_s: float = BACKOFF_S) -> Result:
+    """action(), run again with exponential backoff (or the server's Retry-After) while it
+    raises SourceUnreachable; the last one is raised when the attempts are used up."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return action()
+        except SourceUnreachable as exc:
+            if attempt == attempts:
+                raise
+            delay = exc.retry_after if exc.retry_after is not None else backoff_s * 2 ** (attempt - 1)
+            time.sleep(min(delay, MAX_RETRY_AFTER_S))
+    raise AssertionError("unreachable")
 
 
 def protocol_of(url: str) -> str:
@@ -159,11 +188,15 @@ def source_fingerprint(url: str) -> dict[str, Any]:
 
 
 def _http_fingerprint(url: str) -> dict[str, Any]:
-    """One HEAD, redirects followed. The Hub answers a file's resolve URL with a redirect
-    whose X-Linked-Size and X-Linked-Etag (the LFS sha256) describe the file itself."""
+    """One HEAD, redirects followed (a GET whose body is not read, where HEAD is refused). The
+    Hub answers a file's resolve URL with a redirect whose X-Linked-Size and X-Linked-Etag
+    (the LFS sha256) describe the file itself."""
+    headers = {"Accept-Encoding": "identity", **auth_headers(url)}
     try:
-        response = requests.head(url, headers={"Accept-Encoding": "identity", **auth_headers(url)},
-                                 allow_redirects=True, timeout=HTTP_TIMEOUT_S)
+        response = requests.head(url, headers=headers, allow_redirects=True, timeout=HTTP_TIMEOUT_S)
+        if response.status_code in (403, 405, 501):  # servers (and pre-signed GET URLs) that refuse HEAD: ask with GET
+            with requests.get(url, headers=headers, allow_redirects=True, timeout=HTTP_TIMEOUT_S, stream=True) as response:
+                pass  # the headers are enough; the body is never read
     except requests.RequestException as exc:
         raise source_failure(url, exc) from None
     if response.status_code >= 400:
@@ -198,11 +231,15 @@ def _etag(info: dict[str, Any]) -> str | None:
 # ---------------------------------------------------------------------------------------
 
 
-def source_failure(url: str, error: BaseException) -> SourceError | SourceUnreachable:
+def source_failure(url: str, error: BaseException) -> BaseException:
     """The one-line error for a failure to list, stat or read `url`: the user's to fix
-    (missing, refused, unreadable) or one that may pass (network, 5xx, rate limit)."""
-    if isinstance(error, (SourceError, SourceUnreachable)):
+    (missing, refused, unreadable) or one that may pass (network, 5xx, rate limit). An error
+    it does not recognise is returned as it is: a bug keeps its traceback."""
+    if isinstance(error, (UserError, TransientError)):
         return error
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return SourceError(f"no space left on the device while copying {url} ({error.filename or 'the store'}); "
+                           "free some space or point storage.root elsewhere, then run again (the copy resumes)")
     status = http_status(error)
     detail = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
     if status in (401, 403):
@@ -217,7 +254,7 @@ def source_failure(url: str, error: BaseException) -> SourceError | SourceUnreac
         return SourceError(f"{url}: HTTP {status} ({detail}) — check data.source")
     if is_network_error(error):
         return SourceUnreachable(f"cannot reach {url} ({detail}) — check the network, then run again")
-    return SourceError(f"{url}: {detail}")
+    return error
 
 
 def _refused(url: str, status: int, detail: str) -> str:
@@ -252,7 +289,7 @@ def http_status(error: BaseException) -> int | None:
 def is_network_error(error: BaseException) -> bool:
     """A dropped connection or a timeout, raised directly or as the cause of a backend's own error."""
     for seen in _chain(error):
-        if isinstance(seen, (OSError, aiohttp.ClientError, requests.RequestException)):  # OSError: connection and timeout errors
+        if isinstance(seen, (ConnectionError, TimeoutError, socket.gaierror, aiohttp.ClientError, requests.RequestException)):
             return True
         if any(kind.__name__ in TRANSIENT_ERROR_NAMES for kind in type(seen).__mro__):
             return True

@@ -1,11 +1,14 @@
 """What each stage's artifact version is made of, computed without running the stage.
 
 A version hashes the inputs' versions, the config slice that shapes the output, and the
-code that builds it. The code is found, not listed: the stage's task module and every
-project module it imports, directly or through others (its import closure, read from the
-import statements), so editing any of them gives the stage — and every stage after it — a
-new version. Settings that change only speed (`tokenize.num_workers`,
-`profile.memory_limit`) are left out, so changing them reuses what exists.
+code that builds it. The code is found, not listed: the module that builds the stage's
+artifact (gpt/tokenizer.py for tokenize) and every project module it imports, directly or
+through others (its import closure, read from the import statements), so editing any of
+them gives the stage — and every stage after it — a new version. Two things are left out on
+purpose: configs/schema.py, whose effect on an artifact is the values of the config slice,
+which the version already holds; and settings that change only speed
+(`tokenize.num_workers`, `profile.memory_limit`, `eval.hellaswag_items_per_batch`), so
+changing them reuses what exists.
 
 Nothing here imports Prefect: the trainer's CLI uses it to find the artifact the flow would use.
 """
@@ -15,27 +18,30 @@ from __future__ import annotations
 import ast
 import hashlib
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from configs.schema import DataConfig, EvalConfig, ProfileConfig, SampleConfig, TokenizeConfig
 from configs.secrets import redact
-from storage.artifacts import PROJECT_ROOT, stable_hash
+from storage.artifacts import PROJECT_ROOT, ArtifactStore, stable_hash
 from storage.demo_corpus import resolve_demo_source
-from storage.fs import SourceError, expand_sources, source_fingerprint
+from storage.fs import SourceError, SourceUnreachable, expand_sources, retrying, source_fingerprint
 
 PROJECT_PACKAGES = ("configs", "flows", "gpt", "storage", "tasks")
 # The module whose code builds each stage's artifact; what it imports is found from it.
 STAGE_MODULES = {
-    "download": "tasks.download",
-    "profile": "tasks.profile",
-    "tokenize": "tasks.tokenize",
+    "download": "storage.download",
+    "profile": "storage.profile",
+    "tokenize": "gpt.tokenizer",
+    "hellaswag": "storage.download",
     "train": "gpt.train",
-    "hellaswag": "tasks.hellaswag",
-    "evaluate": "tasks.evaluate",
-    "sample": "tasks.sample",
+    "evaluate": "gpt.evaluate",
+    "sample": "gpt.sample",
 }
+# Shapes artifacts only through config values, which versions hash themselves (see above).
+NOT_CODE_OF_A_STAGE = ("configs/schema.py",)
 
 
 # ---------------------------------------------------------------------------------------
@@ -55,11 +61,14 @@ def _module_file(module: str, root: Path) -> Path | None:
 
 
 def _imported_names(file: Path, module: str) -> set[str]:
-    """Every module name an import statement anywhere in the file may bring in (also
-    inside functions and `if TYPE_CHECKING:`: a conservative reading)."""
+    """Every module name an import statement anywhere in the file may bring in (also inside
+    functions: a conservative reading), but for those under `if TYPE_CHECKING:`, which never run."""
     package = module if file.name == "__init__.py" else module.rpartition(".")[0]
     names: set[str] = set()
-    for node in ast.walk(ast.parse(file.read_bytes(), filename=str(file))):
+    tree = ast.parse(file.read_bytes(), filename=str(file))
+    for guard in [node for node in ast.walk(tree) if isinstance(node, ast.If) and _is_type_checking(node.test)]:
+        guard.body = []
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -71,6 +80,11 @@ def _imported_names(file: Path, module: str) -> set[str]:
             names.add(base)
             names.update(f"{base}.{alias.name}" for alias in node.names)  # `from gpt import tokenize_worker`
     return names
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
 def import_closure(modules: tuple[str, ...] | list[str], root: Path | None = None) -> list[Path]:
@@ -95,8 +109,10 @@ def code_version(*modules: str, root: Path | None = None) -> str:
     root = root or PROJECT_ROOT
     digest = hashlib.sha256()
     for file in import_closure(modules, root):
-        digest.update(file.relative_to(root).as_posix().encode() + b"\0")
-        digest.update(file.read_bytes())
+        name = file.relative_to(root).as_posix()
+        if name not in NOT_CODE_OF_A_STAGE:
+            digest.update(name.encode() + b"\0")
+            digest.update(file.read_bytes())
     return digest.hexdigest()[:12]
 
 
@@ -121,21 +137,31 @@ class DownloadPlan:
 
 def plan_download(data: DataConfig, storage_root: str | os.PathLike) -> DownloadPlan:
     """Expand the sources and fingerprint each file (size + etag/mtime, no content read)."""
-    urls = expand_sources([resolve_demo_source(source, storage_root) for source in data.sources])
-    fingerprints = [source_fingerprint(url) for url in urls]
+    urls = retrying(lambda: expand_sources([resolve_demo_source(source, storage_root) for source in data.sources]))
+    fingerprints = [retrying(lambda url=url: source_fingerprint(url)) for url in urls]
     version = stable_hash({"sources": redact(fingerprints), "max_rows": data.max_rows,
                            "code": stage_code_version("download")})  # credentials do not name the data
     return DownloadPlan(version=version, urls=urls, fingerprints=fingerprints)
 
 
 def plan_hellaswag(source: str, storage_root: str | os.PathLike) -> DownloadPlan:
-    """The HellaSwag file's fingerprint and the version of its copy in the store."""
+    """The HellaSwag file's fingerprint and the version of its copy in the store. Offline, the
+    newest copy from the same URL is used (with a warning), so evaluation needs no network
+    once the file has been fetched."""
     urls = expand_sources([source])
     if len(urls) != 1:
         raise SourceError(f"eval.hellaswag_path {source} names {len(urls)} files; name one HellaSwag jsonl")
-    fingerprints = [source_fingerprint(urls[0])]
-    version = stable_hash({"source": redact(fingerprints[0]), "code": stage_code_version("hellaswag")})
-    return DownloadPlan(version=version, urls=urls, fingerprints=fingerprints)
+    try:
+        fingerprint = retrying(lambda: source_fingerprint(urls[0]))
+    except SourceUnreachable:
+        earlier = [m for m in ArtifactStore(storage_root).manifests("hellaswag") if m.inputs["source"]["url"] == redact(urls[0])]
+        if not earlier:
+            raise
+        warnings.warn(f"{redact(urls[0])} cannot be reached; using the copy fetched before, hellaswag/{earlier[-1].version}",
+                      stacklevel=2)
+        return DownloadPlan(version=earlier[-1].version, urls=urls, fingerprints=[earlier[-1].inputs["source"]])
+    version = stable_hash({"source": redact(fingerprint), "code": stage_code_version("hellaswag")})
+    return DownloadPlan(version=version, urls=urls, fingerprints=[fingerprint])
 
 
 def plan_profile(download_version: str, data: DataConfig, profile: ProfileConfig) -> str:
@@ -154,7 +180,8 @@ def plan_evaluate(checkpoint_id: str, tokenize_version: str, hellaswag_version: 
     """`checkpoint_id`: gpt.checkpoint.checkpoint_identity of the scored checkpoint; the HellaSwag
     items are named by their artifact's version, not by where they were fetched from."""
     return stable_hash({"checkpoint": checkpoint_id, "tokenize": tokenize_version, "hellaswag": hellaswag_version,
-                        "eval": config.model_dump(exclude={"hellaswag_path"}), "code": stage_code_version("evaluate")})
+                        "eval": config.model_dump(exclude={"hellaswag_path", "hellaswag_items_per_batch"}),
+                        "code": stage_code_version("evaluate")})
 
 
 def plan_sample(checkpoint_id: str, config: SampleConfig) -> str:

@@ -11,7 +11,7 @@ from typing import Any
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from storage.artifacts import ArtifactStore
-from storage.markdown import markdown_table
+from storage.markdown import fenced, markdown_table
 from tasks.charts import line_chart_svg, markdown_image
 from tasks.common import ui_key
 
@@ -45,10 +45,12 @@ def run_gallery(store: ArtifactStore, run_name: str) -> str | None:
     """Markdown of the samples of each sampled checkpoint of the run, step by step."""
     sections = []
     for step, manifest in _of_run(store, run_name, "sample"):
-        samples = json.loads((store.path("sample", manifest.version) / "samples.json").read_text())
+        structured = store.path("sample", manifest.version) / "samples.json"
+        if not structured.is_file():  # written by a version before samples.json
+            continue
         sections.append(f"## Step {step:,}\n")
-        for sample in samples:
-            sections.append(f"**{sample['prompt']}**\n\n```text\n{sample['text']}\n```\n")
+        for sample in json.loads(structured.read_text(encoding="utf-8")):
+            sections.append(f"**{sample['prompt']}**\n\n{fenced(sample['text'])}\n")
     if not sections:
         return None
     return f"# Samples of {run_name}, checkpoint by checkpoint\n\n" + "\n".join(sections)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from configs import SampleConfig
 from gpt.sample import Sample
 from gpt.sample import sample as sample_checkpoint
 from storage.artifacts import ArtifactStore
+from storage.markdown import fenced
 from storage.versions import stage_code_version
 from tasks.common import ui_key, version_cache_key
 
@@ -56,12 +56,7 @@ def samples_markdown(checkpoint: str, config: SampleConfig, samples: list[Sample
     for index, item in enumerate(samples):
         prompt_number, sample_number = divmod(index, config.num_samples)
         ending = "stopped at `<|endoftext|>`" if item.stopped_at_eot else "max_new_tokens reached"
-        fence = "`" * max(3, _longest_backtick_run(item.text) + 1)  # a fence the text cannot close
         tokens = f"{item.new_tokens} new token{'' if item.new_tokens == 1 else 's'}"
         bodies.append(f"## Prompt {prompt_number + 1}, sample {sample_number + 1}\n\n{tokens}, {ending}.\n\n"
-                      f"{fence}text\n{item.text}\n{fence}\n")
+                      f"{fenced(item.text)}\n")
     return "\n".join([header, *bodies])
-
-
-def _longest_backtick_run(text: str) -> int:
-    return max((len(run) for run in re.findall(r"`+", text)), default=0)

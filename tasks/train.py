@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +20,9 @@ from configs.errors import TransientError, UserError
 from configs.secrets import redact
 from gpt.checkpoint import checkpoint_iteration, latest_checkpoint
 from gpt.metrics import METRICS_FILE, describe_event, read_metrics
+from gpt.train import ERROR_FILE_ENV
 from gpt.train import train as train_gpt
-from storage.artifacts import ArtifactStore
+from storage.artifacts import ArtifactStore, folder_lock
 from tasks.charts import line_chart_svg, markdown_image
 from storage.markdown import markdown_table
 from tasks.common import ProgressArtifact, retry_unless_user_error, ui_key
@@ -35,24 +34,10 @@ class RunLockedError(UserError):
     """Another process is training the same run right now."""
 
 
-@contextlib.contextmanager
-def exclusive_run(folder: Path) -> Iterator[None]:
+def exclusive_run(folder: Path) -> AbstractContextManager[None]:
     """Hold an exclusive lock on a run folder so two flow runs never train into the same checkpoints."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            raise RunLockedError(
-                f"run {folder.name} is being trained by {holder}; wait for it to finish or pick another train.run_name"
-            ) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()}")
-        handle.flush()
-        yield
+    return folder_lock(folder / ".lock", busy=lambda holder: RunLockedError(
+        f"run {folder.name} is being trained by {holder}; wait for it to finish or pick another train.run_name"))
 
 
 def checkpointed_iteration(store: ArtifactStore, config: PipelineConfig) -> int | None:
@@ -84,29 +69,31 @@ def model_card(config: PipelineConfig, train_tokens: int | None) -> str:
 
 
 def _train_with_torchrun(config: PipelineConfig, data_dir: Path, folder: Path, hellaswag_file: str | None = None) -> dict[str, Any]:
-    """Launch `torchrun -m gpt.train` for several processes, streaming its output into the task's logs."""
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
-        yaml.safe_dump(redact(config.model_dump()), handle)  # the trainer gets --data-dir: no source URL is needed
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={config.train.nproc_per_node}", "-m", "gpt.train",
-               "--config", handle.name, "--data-dir", str(data_dir), "--run-dir", str(folder)]
-    if hellaswag_file:
-        command += ["--hellaswag", hellaswag_file]
-    last_line, user_error = "", None
-    try:
-        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as process:
+    """Launch `torchrun -m gpt.train` for several processes, streaming its output into the task's
+    logs. A rank that stops on a user or transient error says which in its error file
+    (gpt.train's FWP_ERROR_FILE), so the task raises the same kind."""
+    with tempfile.TemporaryDirectory(prefix="fwp-torchrun-") as scratch:
+        config_file, error_file = Path(scratch) / "config.yaml", Path(scratch) / "error"
+        config_file.write_text(yaml.safe_dump(redact(config.model_dump())))  # the trainer gets --data-dir: no source URL is needed
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   f"--nproc_per_node={config.train.nproc_per_node}", "-m", "gpt.train",
+                   "--config", str(config_file), "--data-dir", str(data_dir), "--run-dir", str(folder)]
+        if hellaswag_file:
+            command += ["--hellaswag", hellaswag_file]
+        last_line = ""
+        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**os.environ, ERROR_FILE_ENV: str(error_file)}) as process:
             for line in process.stdout:
                 print(line.rstrip())
                 if line.strip():
                     last_line = line.strip()
-                if line.startswith("error: "):  # gpt.train's one line for a UserError
-                    user_error = line.removeprefix("error: ").strip()
-    finally:
-        os.unlink(handle.name)
-    if process.returncode and user_error:
-        raise UserError(user_error)
-    if process.returncode:  # a killed or crashed process: the retry resumes from the last checkpoint
-        raise TransientError(f"torchrun exited with status {process.returncode}; see the log above")
+        errors = [json.loads(file.read_text()) for file in sorted(Path(scratch).glob("error.*"))]
+    if process.returncode:
+        for error in errors:
+            if error["kind"] == "user":
+                raise UserError(error["message"])
+        detail = errors[0]["message"] if errors else "see the log above"
+        raise TransientError(f"torchrun exited with status {process.returncode} ({detail}); the retry resumes from the last checkpoint")
     return json.loads(last_line)
 
 

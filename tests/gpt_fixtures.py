@@ -42,7 +42,13 @@ def write_tiny_shards(folder: Path, train_shards: int = 2, train_tokens: int = 6
 def tiny_config(**train: Any) -> PipelineConfig:
     """A 1-layer, n_embd 16 GPT (~0.8M parameters, nearly all in the 50304-wide embedding)
     on one CPU thread; keyword arguments override `train.*`."""
-    tree = {
+    return PipelineConfig.model_validate(tiny_tree(**train))
+
+
+def tiny_tree(**train: Any) -> dict[str, Any]:
+    """tiny_config as the YAML tree it is made from (only the keys it sets, so an older
+    release of the project reads it too)."""
+    return {
         "name": "tiny",
         "data": {"source": "demo://python-docs"},
         "model": {"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 16},
@@ -65,7 +71,6 @@ def tiny_config(**train: Any) -> PipelineConfig:
         "eval": {"max_batches": 4, "batch_size": 4},
         "sample": {"prompt": "The", "num_samples": 2, "max_new_tokens": 8},
     }
-    return PipelineConfig.model_validate(tree)
 
 
 def with_model(config: PipelineConfig, **model: Any) -> PipelineConfig:

@@ -92,6 +92,29 @@ def test_no_secret_reaches_the_store_the_output_or_the_prefect_api(prefect_serve
         assert secret not in api_text
 
 
+def test_a_download_that_keeps_failing_leaves_no_secret_on_disk(tmp_path):
+    """The resumable .partial and its sidecar stay behind for the next run: neither holds the URL's secrets."""
+    from storage.download import DownloadFailed, download_sources
+
+    server = Server()
+    server.files[f"/private/fineweb.parquet?token={QUERY_TOKEN}"] = b"PAR1" + b"x" * 100_000
+    server.drop_after[f"/private/fineweb.parquet?token={QUERY_TOKEN}"] = 50_000
+    server.basic_auth = f"loader:{PASSWORD}"
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        url = f"http://loader:{PASSWORD}@127.0.0.1:{server.server_address[1]}/private/fineweb.parquet?token={QUERY_TOKEN}"
+        with pytest.raises(DownloadFailed) as error:
+            download_sources([url], tmp_path / "incoming", attempts=1)
+    finally:
+        server.shutdown()
+        server.server_close()
+    left = {path.name: path.read_bytes() for path in (tmp_path / "incoming").iterdir()}
+    assert sorted(left) == ["fineweb.parquet.partial", "fineweb.parquet.partial.json"]  # resumable, and named by path only
+    for secret in SECRETS:
+        assert secret not in str(error.value) and not [name for name, data in left.items() if secret.encode() in data]
+
+
 def test_an_error_about_a_source_with_credentials_does_not_print_them(prefect_server, private_http, tmp_path):
     port = private_http.server_address[1]
     missing = f"http://loader:{PASSWORD}@127.0.0.1:{port}/private/missing.parquet?token={QUERY_TOKEN}"

@@ -104,7 +104,10 @@ def test_evaluate_flow_scores_every_kept_checkpoint_and_the_table_grows(scored_r
     assert [line for line in gallery.splitlines() if line.startswith("## Step")] == ["## Step 10", "## Step 20", "## Step 30"]
 
     store = ArtifactStore(summary["storage_root"])
-    best = min(rows, key=lambda row: row["val_loss"])["step"]
+    checkpoints = Path(summary["storage_root"]) / "runs" / "scored" / "checkpoints"
+    measured = {int(p.name.removeprefix("step_")): json.loads((p / "state.json").read_text())["val_loss"]
+                for p in checkpoints.glob("step_*")}
+    best = min(measured, key=measured.get)  # "best" is the val loss measured when the checkpoint was taken
     process, chosen = run_evaluate_cli([*args, "--checkpoint", "best"], env)
     assert process.returncode == 0 and Path(chosen["checkpoints"][0]["checkpoint"]).name == f"step_{best:06d}"
     assert store.exists("evaluate", chosen["checkpoints"][0]["evaluate"])
@@ -113,3 +116,22 @@ def test_evaluate_flow_scores_every_kept_checkpoint_and_the_table_grows(scored_r
     assert process.returncode == 1
     assert process.stderr.strip().splitlines()[-1].endswith("has no 25 checkpoint (steps there: 10, 20, 30); "
                                                             "name one of those steps, or train the run first")
+
+
+def test_an_unreachable_hellaswag_url_uses_the_copy_fetched_before(scored_run, tmp_path):
+    """Offline, a preset's HellaSwag URL cannot be fingerprinted: the copy from that URL already in
+    the store is used, with a warning, instead of failing the run."""
+    import warnings
+
+    from storage.versions import plan_hellaswag
+
+    env, summary = scored_run
+    store = ArtifactStore(summary["storage_root"])
+    [fetched] = [m for m in store.manifests("hellaswag") if m.inputs["source"]["url"].startswith("http://")]
+    dead = fetched.inputs["source"]["url"]  # the loopback server of the earlier test is gone
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plan = plan_hellaswag(dead, store.root)
+    assert plan.version == fetched.version and "cannot be reached" in str(caught[-1].message)
+    with pytest.raises(Exception, match="cannot reach"):
+        plan_hellaswag(dead.replace("hellaswag_val", "never_fetched"), store.root)

@@ -17,7 +17,7 @@ import pytest
 from configs.schema import TokenizeConfig
 from gpt import tokenize_worker, tokenizer
 from gpt.encoding import EOT, gpt2_encoding
-from gpt.tokenizer import TokenizeError, is_val_document, tokenize_parquet
+from gpt.tokenizer import TokenizeError, TokenizerCrashed, is_val_document, tokenize_parquet
 from storage.shards import read_shard
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -184,7 +184,7 @@ def test_a_failing_helper_process_is_a_one_line_error_and_leaves_no_shards(tmp_p
     broken.write_text("import sys\nsys.stdin.buffer.read(8)\nsys.exit('the helper broke')\n")
     monkeypatch.setattr(tokenize_worker, "__file__", str(broken))
     path = _write(tmp_path / "docs.parquet", _texts(400, seed=6))
-    with pytest.raises(TokenizeError, match=r"tokenizer worker process \d+ exited with code 1: the helper broke") as error:
+    with pytest.raises(TokenizerCrashed, match=r"tokenizer worker process \d+ exited with code 1: the helper broke") as error:
         tokenize_parquet([path], tmp_path / "out", TokenizeConfig(val_fraction=0.1, shard_tokens=1024, num_workers=2))
     assert "\n" not in str(error.value)
     assert not list((tmp_path / "out").iterdir())

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from configs import describe
 from gpt.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
@@ -23,7 +24,7 @@ from gpt.data import DataError
 from gpt.schedule import Schedule
 from gpt.runtime import reuse_freed_memory
 from gpt.train import TrainError, TrainingDiverged, train
-from tests.gpt_fixtures import tiny_config, with_model, write_tiny_shards, write_yaml
+from tests.gpt_fixtures import tiny_config, tiny_tree, with_model, write_tiny_shards, write_yaml
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 torch.set_num_threads(1)
@@ -279,6 +280,14 @@ def test_hellaswag_is_scored_on_a_fixed_subset_during_training(shards, tmp_path,
     scored = [e for e in events if e["event"] == "hellaswag"]
     assert [e["iter"] for e in scored] == [0, 5, 10, 12]  # the start, every 5 iterations, the end
     assert all(e["items"] == 8 and 0 <= e["acc_norm"] <= 1 and 0 <= e["acc"] <= 1 for e in scored)
+    from gpt.encoding import gpt2_encoding
+    from gpt.evaluate import read_hellaswag, score_hellaswag
+    from gpt.model import GPT, GPTConfig
+
+    torch.manual_seed(config.train.seed)  # as the trainer seeds its model: the weights scored at iteration 0
+    untrained = GPT(GPTConfig.from_model_config(config.model))
+    subset = read_hellaswag(hellaswag_file, 8)  # 8 items spread over the file
+    assert score_hellaswag(untrained, subset, gpt2_encoding(), "cpu")["hellaswag_acc_norm"] == scored[0]["acc_norm"]
     assert [e["iter"] for e in read_metrics(tmp_path / "run") if e["event"] == "hellaswag"] == [0, 5, 10, 12]
 
 
@@ -288,3 +297,51 @@ def test_hellaswag_interval_without_items_trains_without_them(shards, tmp_path, 
         train(tiny_config(max_iters=2, hellaswag_interval=1), shards, tmp_path / "run", on_event=events.append)
     assert not [e for e in events if e["event"] == "hellaswag"]
     assert "train.hellaswag_interval is set but no HellaSwag items were given" in caplog.text
+
+
+PREVIOUS_RELEASE = "78f0da8"  # the last commit before checkpoint format 2 and metrics format 2
+
+
+def test_a_run_started_by_the_previous_release_resumes_bit_identically(shards, tmp_path):
+    """The real old writer: the project at PREVIOUS_RELEASE trains, its last checkpoint is lost, and this
+    one resumes from the one before it: the same weights and history as an uninterrupted run."""
+    archive = subprocess.run(["git", "-C", str(PROJECT_ROOT), "archive", "--format=tar", PREVIOUS_RELEASE], capture_output=True)
+    if archive.returncode:
+        pytest.skip(f"no git history holding {PREVIOUS_RELEASE} here (an exported tree, not a clone)")
+    old = tmp_path / "previous-release"
+    old.mkdir()
+    subprocess.run(["tar", "-x", "-C", str(old)], input=archive.stdout, check=True)
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text(yaml.safe_dump(tiny_tree(max_iters=10, checkpoint_interval=5, eval_interval=5)))
+    env = {**subprocess_env(), "PYTHONPATH": str(old)}
+    trained = subprocess.run([sys.executable, "-m", "gpt.train", "--config", str(config_file), "--data-dir", str(shards),
+                              "--run-dir", str(tmp_path / "run")], cwd=old, env=env, capture_output=True, text=True, timeout=300)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    assert "format" not in json.loads((tmp_path / "run" / "checkpoints" / "step_000005" / "state.json").read_text())
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step_000010")  # as if killed before it was written
+
+    config = tiny_config(max_iters=10, checkpoint_interval=5, eval_interval=5)
+    resumed = train(config, shards, tmp_path / "run")
+    uninterrupted = train(config, shards, tmp_path / "new")
+    assert resumed["start_iter"] == 5 and resumed["tokens_trained"] == uninterrupted["tokens_trained"]
+    a, b = load_checkpoint(uninterrupted["latest_checkpoint"]), load_checkpoint(resumed["latest_checkpoint"])
+    assert all(torch.equal(a.model[key], b.model[key]) for key in a.model)
+    from gpt.metrics import read_metrics as read_events
+
+    def trained_iterations(run: Path) -> list[int]:  # as the project reads them: one meaning of iter, whatever wrote it
+        return [e["iter"] for e in read_events(run / "metrics.jsonl") if e["event"] == "train"]
+
+    assert trained_iterations(tmp_path / "run") == trained_iterations(tmp_path / "new") == list(range(1, 11))
+
+
+def test_metrics_of_the_previous_format_are_read_and_trimmed_with_one_meaning(tmp_path):
+    from gpt.metrics import read_metrics as read_events, trim_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    old = [{"event": "start"}, *({"event": "train", "iter": i} for i in range(8)), {"event": "eval", "iter": 4},
+           {"event": "checkpoint", "iter": 4}, {"event": "eval", "iter": 8}, {"event": "checkpoint", "iter": 8}]
+    path.write_text("".join(json.dumps(event) + "\n" for event in old))
+    trim_metrics(path, 4)
+    kept = read_events(path)
+    assert [e["iter"] for e in kept if e["event"] == "train"] == [1, 2, 3, 4]  # the 0-based 0..3, as iterations completed
+    assert [(e["event"], e["iter"]) for e in kept if e["event"] != "train" and "iter" in e] == [("eval", 4), ("checkpoint", 4)]

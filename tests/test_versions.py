@@ -5,13 +5,23 @@ version, and editing a module outside it changes nothing. Checked on a copy of t
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from configs import load_config
 from storage import versions
-from storage.versions import STAGE_MODULES, import_closure, plan_evaluate, plan_profile, plan_tokenize, stage_code_version
+from storage.versions import (
+    NOT_CODE_OF_A_STAGE,
+    STAGE_MODULES,
+    import_closure,
+    plan_evaluate,
+    plan_profile,
+    plan_tokenize,
+    stage_code_version,
+)
 from tests.conftest import PROJECT_ROOT
 
 PACKAGES = ("configs", "flows", "gpt", "storage", "tasks")
@@ -39,11 +49,23 @@ def test_each_stage_covers_the_modules_that_once_were_missing_from_its_list(proj
     assert "storage/shards.py" in closure_names("tokenize", project)
     assert "gpt/data.py" in closure_names("evaluate", project)  # it picks the scored windows
     assert "gpt/encoding.py" in closure_names("sample", project)  # the tokenizer of the prompt and the text
+    assert "storage/profile.py" not in closure_names("tokenize", project)  # what a stage does not run is not its code
+
+
+@pytest.mark.parametrize("stage", sorted(STAGE_MODULES))
+def test_the_closure_holds_every_project_module_the_stage_really_imports(stage):
+    probe = (f"import sys, {STAGE_MODULES[stage]}\n"
+             f"print('\\n'.join(sorted(m for m in sys.modules if m.split('.')[0] in {PACKAGES!r})))")
+    loaded = subprocess.run([sys.executable, "-c", probe], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True)
+    modules = {name for name in loaded.stdout.split() if name}
+    files = {(Path(*name.split(".")).with_suffix(".py") if (PROJECT_ROOT / Path(*name.split(".")).with_suffix(".py")).exists()
+              else Path(*name.split(".")) / "__init__.py").as_posix() for name in modules}
+    assert files <= closure_names(stage, PROJECT_ROOT), files - closure_names(stage, PROJECT_ROOT)
 
 
 @pytest.mark.parametrize("stage", sorted(STAGE_MODULES))
 def test_editing_any_module_of_a_stage_changes_its_version_and_no_other_module_does(project, stage):
-    inside = closure_names(stage, project)
+    inside = closure_names(stage, project) - set(NOT_CODE_OF_A_STAGE)  # the schema acts through the config slice
     every = {file.relative_to(project).as_posix() for package in PACKAGES for file in (project / package).rglob("*.py")}
     assert inside < every
     for name in sorted(every):
@@ -72,8 +94,9 @@ def test_a_code_change_reaches_the_stages_after_it(project, monkeypatch):
 
 def test_speed_only_settings_do_not_change_versions():
     config = load_config("demo")
-    faster = load_config("demo", ["tokenize.num_workers=7", "profile.memory_limit=2GB"])
+    faster = load_config("demo", ["tokenize.num_workers=7", "profile.memory_limit=2GB", "eval.hellaswag_items_per_batch=64"])
     assert plan_tokenize("d", faster.data, faster.tokenize) == plan_tokenize("d", config.data, config.tokenize)
     assert plan_profile("d", faster.data, faster.profile) == plan_profile("d", config.data, config.profile)
+    assert plan_evaluate("c", "t", "h", faster.eval) == plan_evaluate("c", "t", "h", config.eval)
     assert plan_tokenize("d", config.data, load_config("demo", ["tokenize.val_fraction=0.1"]).tokenize) != (
         plan_tokenize("d", config.data, config.tokenize))
