@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 import time
@@ -34,7 +35,7 @@ import torch
 
 from configs.errors import UserError
 from configs.schema import ModelConfig
-from gpt.model import GPT, GPTConfig, strip_wrapper_prefixes, unwrap_model
+from gpt.model import GPT, GPTConfig, load_nanogpt_state_dict, strip_wrapper_prefixes, unwrap_model
 from storage.artifacts import FileEntry, list_files, mismatched_files, publish_folder, sha256_file, write_json_atomic
 
 CHECKPOINTS = "checkpoints"
@@ -192,9 +193,38 @@ def load_checkpoint(
     if verify and (bad := damaged_files(folder, None if optimizer else (MODEL_FILE, STATE_FILE))):
         raise CheckpointError(f"checkpoint {folder} is damaged ({', '.join(bad)} does not match the manifest); use an earlier step")
     state = read_state(folder)
-    model_state = strip_wrapper_prefixes(torch.load(folder / MODEL_FILE, map_location=map_location, weights_only=True))
-    optimizer_state = torch.load(folder / OPTIMIZER_FILE, map_location=map_location, weights_only=True) if optimizer else None
+    model_state = strip_wrapper_prefixes(load_tensors(folder / MODEL_FILE, map_location))
+    optimizer_state = load_tensors(folder / OPTIMIZER_FILE, map_location) if optimizer else None
     return Checkpoint(path=folder, model=model_state, optimizer=optimizer_state, state=state)
+
+
+def load_tensors(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
+    """torch.load with weights_only: tensors, numbers and containers come back; a pickle that
+    would build anything else (run code) is refused, in one line, before it runs."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path} was refused: it holds more than weights ({first}); load only checkpoints you trust "
+                              "— this one is not loaded") from None
+
+
+def load_nanogpt_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[GPT, dict[str, Any]]:
+    """Read a nanoGPT `ckpt.pt` into our GPT (weights only, as load_tensors).
+
+    Returns the model and nanoGPT's bookkeeping: iter_num, best_val_loss (a float)
+    and its training config dict.
+    """
+    checkpoint = load_tensors(path, map_location)
+    model = GPT(GPTConfig(**checkpoint["model_args"]))
+    load_nanogpt_state_dict(model, checkpoint["model"])
+    best = checkpoint.get("best_val_loss")
+    info = {
+        "iter_num": int(checkpoint.get("iter_num", 0)),
+        "best_val_loss": float(best) if best is not None else None,
+        "config": checkpoint.get("config", {}),
+    }
+    return model.to(map_location), info
 
 
 def read_state(checkpoint_dir: str | Path) -> dict[str, Any]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -370,21 +369,3 @@ def load_nanogpt_state_dict(model: GPT, state_dict: dict[str, Any]) -> GPT:
     cleaned = {k: v for k, v in cleaned.items() if not (k.endswith(".attn.bias") and k not in expected)}
     model.load_state_dict(cleaned, strict=True)
     return model
-
-
-def load_nanogpt_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[GPT, dict[str, Any]]:
-    """Read a nanoGPT `ckpt.pt` into our GPT.
-
-    Returns the model and nanoGPT's bookkeeping: iter_num, best_val_loss (a float)
-    and its training config dict.
-    """
-    checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    model = GPT(GPTConfig(**checkpoint["model_args"]))
-    load_nanogpt_state_dict(model, checkpoint["model"])
-    best = checkpoint.get("best_val_loss")
-    info = {
-        "iter_num": int(checkpoint.get("iter_num", 0)),
-        "best_val_loss": float(best) if best is not None else None,
-        "config": checkpoint.get("config", {}),
-    }
-    return model.to(map_location), info

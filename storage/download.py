@@ -155,7 +155,7 @@ def _download_whole(
         on_bytes(partial.stat().st_size)
 
     fetch = _fetch_http if protocol_of(url) in ("http", "https") else _fetch_fsspec
-    _retrying(url, attempts, backoff_s, lambda: fetch(url, partial, fingerprint["size"], chunk_bytes, on_bytes))
+    _retrying(url, attempts, backoff_s, lambda: fetch(fingerprint, partial, chunk_bytes, on_bytes))
 
     try:
         size = partial.stat().st_size
@@ -181,21 +181,31 @@ def _download_whole(
     }
 
 
-def _fetch_http(url: str, partial: Path, size: int | None, chunk_bytes: int, on_bytes: Callable[[int], None]) -> None:
-    """Stream the rest of an http(s) file into partial with one ranged GET."""
+def _fetch_http(fingerprint: dict[str, Any], partial: Path, chunk_bytes: int, on_bytes: Callable[[int], None]) -> None:
+    """Stream the rest of an http(s) file into partial with one ranged GET. `If-Range` asks for
+    the rest only if the file is still the one fingerprinted; a server that sends the whole
+    file instead (it changed, or ignores ranges) is started over from byte 0, never spliced."""
+    url, size, etag = fingerprint["url"], fingerprint["size"], fingerprint.get("etag")
     offset = partial.stat().st_size if partial.exists() else 0
     if size is not None and offset == size:
         return
     headers = {"Accept-Encoding": "identity", **auth_headers(url)}  # the bytes on the server, not a re-compressed stream
     if offset:
         headers["Range"] = f"bytes={offset}-"
+        if etag and not etag.startswith("W/"):
+            headers["If-Range"] = etag
     try:
         with requests.get(url, headers=headers, stream=True, timeout=HTTP_TIMEOUT_S) as response:
             if response.status_code == 416:  # the partial is longer than the source: it was another file
                 partial.unlink()
                 raise _Transient(f"{url}: the partial download does not match the source; starting over")
             _check_status(url, response)
-            if offset and response.status_code == 200:  # the server ignores Range: start over
+            served = response.headers.get("ETag")
+            if etag and served and not response.history and served != etag:  # (a redirect's target has its own ETags)
+                partial.unlink(missing_ok=True)
+                raise DownloadFailed(f"{url} changed since it was fingerprinted (ETag {etag} → {served}); "
+                                     "run again: the new version is downloaded whole")
+            if offset and response.status_code == 200:  # the whole file, not the rest: start over
                 offset = 0
             with open(partial, "r+b" if offset else "wb") as out:
                 out.seek(offset)
@@ -210,8 +220,9 @@ def _fetch_http(url: str, partial: Path, size: int | None, chunk_bytes: int, on_
         raise _Transient(f"{url}: connection closed after {got} of {size} bytes")
 
 
-def _fetch_fsspec(url: str, partial: Path, size: int | None, chunk_bytes: int, on_bytes: Callable[[int], None]) -> None:
+def _fetch_fsspec(fingerprint: dict[str, Any], partial: Path, chunk_bytes: int, on_bytes: Callable[[int], None]) -> None:
     """Copy the rest of a file from any fsspec filesystem, continuing at the partial's size."""
+    url, size = fingerprint["url"], fingerprint["size"]
     offset = partial.stat().st_size if partial.exists() else 0
     if size is not None and offset >= size:
         if offset > size:

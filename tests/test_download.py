@@ -7,6 +7,7 @@ import importlib.util
 import os
 import re
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -45,6 +46,10 @@ class Server(ThreadingHTTPServer):
     `drop_after`: path → bytes to send before cutting the connection, once.
     `fail`: path → list of HTTP statuses to answer GETs with, one per request, before serving.
     `basic_auth`: "user:password" that every request must carry, else 401.
+    `ignore_range`: answer every GET with 200 and the whole file, as some servers do.
+    `stall_after`: path → (bytes, seconds): send that many bytes, go silent that long and hang up, once.
+    `replace_after_cut`: path → new content, put in place once a drop_after cut has happened.
+    An `If-Range` that no longer matches the file's ETag gets the whole file, as HTTP says.
     """
 
     daemon_threads = True
@@ -55,6 +60,9 @@ class Server(ThreadingHTTPServer):
         self.drop_after: dict[str, int] = {}
         self.fail: dict[str, list[int]] = {}
         self.basic_auth: str | None = None
+        self.ignore_range = False
+        self.stall_after: dict[str, tuple[int, float]] = {}
+        self.replace_after_cut: dict[str, bytes] = {}
         self.log: list[tuple[str, str, str | None, int]] = []
 
     def url(self, path: str) -> str:
@@ -92,7 +100,10 @@ class Handler(BaseHTTPRequestHandler):
             self.end_headers()
             return
         start, end = 0, len(data) - 1
+        etag = '"' + hashlib.sha256(data).hexdigest()[:16] + '"'
         match = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range") or "")
+        if server.ignore_range or self.headers.get("If-Range", etag) != etag:
+            match = None
         if match:
             start = int(match[1])
             end = min(int(match[2]), end) if match[2] else end
@@ -102,17 +113,27 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
         self.send_header("Content-Length", str(len(payload)))
         self.send_header("Accept-Ranges", "bytes")
-        self.send_header("ETag", '"' + hashlib.sha256(data).hexdigest()[:16] + '"')
+        self.send_header("ETag", etag)
         self.end_headers()
         if not body:
             server.log.append((self.command, self.path, None, 0))
             return
         cut = server.drop_after.pop(self.path, None)
         sent = payload if cut is None else payload[:cut]
+        if self.path in server.stall_after:  # send the start, go silent, then hang up: the client must time out
+            before, seconds = server.stall_after.pop(self.path)
+            self.wfile.write(sent[:before])
+            self.wfile.flush()
+            server.log.append((self.command, self.path, self.headers.get("Range"), before))
+            time.sleep(seconds)
+            self.close_connection = True
+            return
         self.wfile.write(sent)
         self.wfile.flush()
         server.log.append((self.command, self.path, self.headers.get("Range"), len(sent)))
         if cut is not None:
+            if self.path in server.replace_after_cut:
+                server.files[self.path] = server.replace_after_cut.pop(self.path)
             self.close_connection = True
             self.connection.shutdown(2)
 
@@ -214,6 +235,40 @@ def test_dropped_connection_resumes_with_a_range_request(server, tmp_path, parqu
     resumed_at = int(gets[1][0].removeprefix("bytes=").removesuffix("-"))
     assert 300_000 - (16 << 10) < resumed_at <= 300_000  # where the partial file ended (whole chunks), not zero
     assert sum(sent for _, sent in gets) < len(parquet_bytes) + (16 << 10)
+
+
+def test_a_server_that_ignores_range_gets_a_clean_restart_not_a_splice(server, tmp_path, parquet_bytes):
+    server.drop_after["/data/sample.parquet"] = 300_000
+    server.ignore_range = True
+    [entry] = download_sources([server.url("/data/sample.parquet")], tmp_path / "dest", backoff_s=0.01, chunk_bytes=16 << 10)
+    _check_entry(entry, tmp_path / "dest", parquet_bytes)
+    gets = [(rng, sent) for method, _, rng, sent in server.log if method == "GET"]
+    assert gets[1][0] is not None and gets[1][1] == len(parquet_bytes)  # asked for the rest, got (and kept) the whole file
+
+
+def test_a_source_that_changes_between_attempts_is_started_over_not_spliced(server, tmp_path, parquet_bytes):
+    url = server.url("/data/sample.parquet")
+    rewritten = pa.BufferOutputStream()
+    pq.write_table(pq.read_table(pa.BufferReader(parquet_bytes)).slice(0, ROWS - 1), rewritten, row_group_size=ROW_GROUP)
+    changed = rewritten.getvalue().to_pybytes()  # a new version of the file: one row fewer
+    server.drop_after["/data/sample.parquet"] = 300_000
+    server.replace_after_cut["/data/sample.parquet"] = changed  # replaced while the first attempt was cut
+    with pytest.raises(DownloadFailed, match="changed since it was fingerprinted"):
+        download_sources([url], tmp_path / "dest", backoff_s=0.01, chunk_bytes=16 << 10)
+    assert [rng for method, _, rng, _ in server.log if method == "GET"][1] is not None  # it asked to resume, If-Range
+    assert not list((tmp_path / "dest").glob("*.partial"))  # the bytes of the old file are not kept to splice onto
+    [entry] = download_sources([url], tmp_path / "dest")  # the next run fingerprints the new file and gets it whole
+    assert (tmp_path / "dest" / entry["file"]).read_bytes() == changed
+
+
+def test_a_stalled_connection_times_out_and_resumes_by_range(server, tmp_path, parquet_bytes, monkeypatch):
+    monkeypatch.setattr("storage.download.HTTP_TIMEOUT_S", (2, 0.5))
+    server.stall_after["/data/sample.parquet"] = (200_000, 3.0)
+    [entry] = download_sources([server.url("/data/sample.parquet")], tmp_path / "dest", backoff_s=0.01, chunk_bytes=16 << 10)
+    _check_entry(entry, tmp_path / "dest", parquet_bytes)
+    gets = [rng for method, _, rng, _ in server.log if method == "GET"]
+    resumed_at = int(gets[1].removeprefix("bytes=").removesuffix("-"))
+    assert 200_000 - (16 << 10) < resumed_at <= 200_000
 
 
 def test_partial_left_by_a_failed_run_is_resumed_by_the_next(server, tmp_path, parquet_bytes):

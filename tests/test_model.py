@@ -9,7 +9,8 @@ import torch
 
 from configs import load_config
 from configs.schema import ModelConfig
-from gpt.model import GPT, GPTConfig, load_nanogpt_checkpoint, load_nanogpt_state_dict
+from gpt.checkpoint import load_nanogpt_checkpoint
+from gpt.model import GPT, GPTConfig, load_nanogpt_state_dict
 
 torch.set_num_threads(1)
 
