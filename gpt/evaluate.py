@@ -173,24 +173,19 @@ def batch_width(width: int, block_size: int) -> int:
 
 
 @torch.no_grad()
-def hellaswag_losses(
-    model: torch.nn.Module,
-    items: list[dict[str, Any]],
-    encoding: Any,
-    runtime: Runtime | torch.device | str,
-    dtype: torch.dtype | None = None,
-    items_per_batch: int = HELLASWAG_ITEMS_PER_BATCH,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def hellaswag_losses(model: torch.nn.Module, items: list[dict[str, Any]], encoding: Any, runtime: Runtime | torch.device | str,
+                     items_per_batch: int = HELLASWAG_ITEMS_PER_BATCH) -> tuple[torch.Tensor, torch.Tensor]:
     """The loss of each ending of each item, in this process only (no DDP split): the total
     cross-entropy (nats, float64) of the ending's tokens and how many tokens were scored, two
-    (len(items), 4) tensors on the CPU, in the order of `items`.
+    (len(items), 4) tensors on the CPU, in the order of `items`. `runtime` as in
+    `score_hellaswag` (a bare device scores in float32).
 
     The 4 × len(items) rows are scored 4 × items_per_batch at a time, rows of similar length
     together, right-padded to a width of `batch_width` (causal attention: padding never
     changes the positions before it); a last short batch is filled with empty rows, so every
     batch has the same number of rows.
     """
-    runtime = as_runtime(runtime, dtype)
+    runtime = as_runtime(runtime)
     # The plain module, also under torch.compile or DDP: scoring compiles nothing (build-nanogpt #79) and runs
     # no DDP collectives; and only the ending positions reach the 50304-wide head, ~2x faster than full logits.
     model = unwrap_model(model)
@@ -227,14 +222,8 @@ def hellaswag_losses(
     return total, count
 
 
-def score_hellaswag(
-    model: torch.nn.Module,
-    items: list[dict[str, Any]],
-    encoding: Any,
-    runtime: Runtime | torch.device | str,
-    dtype: torch.dtype | None = None,
-    items_per_batch: int = HELLASWAG_ITEMS_PER_BATCH,
-) -> dict[str, Any]:
+def score_hellaswag(model: torch.nn.Module, items: list[dict[str, Any]], encoding: Any, runtime: Runtime | torch.device | str,
+                    dtype: torch.dtype | None = None, items_per_batch: int = HELLASWAG_ITEMS_PER_BATCH) -> dict[str, Any]:
     """HellaSwag accuracy of `model` (plain, compiled or DDP-wrapped) on `items`:
     {hellaswag_items, hellaswag_acc (lowest total ending loss), hellaswag_acc_norm (lowest
     mean loss per token)}; the accuracies are None for no items.

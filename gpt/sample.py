@@ -35,7 +35,7 @@ from pydantic import ValidationError
 
 from configs.errors import TransientError, UserError
 from configs.schema import SampleConfig, load_config
-from gpt.checkpoint import load_model, select_checkpoint
+from gpt.checkpoint import list_checkpoints, load_model, select_checkpoint
 from gpt.encoding import EOT, gpt2_encoding
 from gpt.runtime import Runtime, resolve_device, resolve_dtype
 from storage.artifacts import ArtifactStore
@@ -182,13 +182,12 @@ def checkpoint_of(args: argparse.Namespace, storage_root: str) -> Path:
         if args.step is not None or args.best:
             raise SampleError("--step and --best pick a checkpoint of --run; with --checkpoint, name that step's folder itself")
         return args.checkpoint
-    store = ArtifactStore(storage_root)
-    run_dir = store.run_dir(args.run)
-    if not (run_dir / "checkpoints").is_dir():
-        runs_dir = store.root / "runs"
-        runs = sorted(p.name for p in runs_dir.iterdir() if p.is_dir()) if runs_dir.is_dir() else []
+    run_dir = ArtifactStore(storage_root).run_dir(args.run)
+    if not list_checkpoints(run_dir):
+        runs_dir = run_dir.parent
+        runs = sorted(p.name for p in runs_dir.iterdir() if list_checkpoints(p)) if runs_dir.is_dir() else []
         raise SampleError(
-            f"no run {args.run!r} with checkpoints under {runs_dir} (runs there: {', '.join(runs) or 'none'}); "
+            f"no run {args.run!r} with checkpoints under {runs_dir} (runs with checkpoints: {', '.join(runs) or 'none'}); "
             "pass one of those to --run, or point --config or FWP_STORAGE_ROOT at the storage root that holds it"
         )
     which = "best" if args.best else args.step if args.step is not None else "latest"

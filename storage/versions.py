@@ -1,10 +1,13 @@
 """What each stage's artifact version is made of, computed without running the stage.
 
 A version hashes the inputs' versions, the config slice that shapes the output, and the
-code that builds it. The code is found, not listed: the module that builds the stage's
-artifact (gpt/tokenizer.py for tokenize) and every project module it imports, directly or
-through others (its import closure, read from the import statements), so editing any of
-them gives the stage — and every stage after it — a new version. Two things are left out on
+code that builds it. The code is found, not listed: the modules that build the stage's
+artifact (for tokenize, tasks/tokenize.py, which publishes it, and gpt/tokenizer.py, which
+writes the shards) and every project module they import, directly or through others (their
+import closure, read from the import statements), so editing any of them gives the stage —
+and every stage after it — a new version. Prefect and other third-party code are not the
+project's and are left out; a project module that is named or imported but has no file is
+an error, never an empty part of a version. Two things are left out on
 purpose: configs/schema.py, whose effect on an artifact is the values of the config slice,
 which the version already holds; and settings that change only speed
 (`tokenize.num_workers`, `profile.memory_limit`, `eval.hellaswag_items_per_batch`), so
@@ -30,15 +33,18 @@ from storage.demo_corpus import resolve_demo_source
 from storage.fs import SourceError, SourceUnreachable, expand_sources, retrying, source_fingerprint
 
 PROJECT_PACKAGES = ("configs", "flows", "gpt", "storage", "tasks")
-# The module whose code builds each stage's artifact; what it imports is found from it.
+# The modules whose code builds each stage's artifact: the task module, which writes part of
+# it (samples.md, profile.md, the data/ folder, ...) and publishes it, and the room that does
+# the work; what they import is found from them. Task modules are named, never imported here:
+# storage does not import tasks or Prefect.
 STAGE_MODULES = {
-    "download": "storage.download",
-    "profile": "storage.profile",
-    "tokenize": "gpt.tokenizer",
-    "hellaswag": "storage.download",
-    "train": "gpt.train",
-    "evaluate": "gpt.evaluate",
-    "sample": "gpt.sample",
+    "download": ("tasks.download", "storage.download"),
+    "profile": ("tasks.profile", "storage.profile"),
+    "tokenize": ("tasks.tokenize", "gpt.tokenizer"),
+    "hellaswag": ("tasks.hellaswag", "storage.download", "gpt.evaluate"),  # gpt.evaluate.read_hellaswag checks the file
+    "train": ("tasks.train", "gpt.train"),
+    "evaluate": ("tasks.evaluate", "gpt.evaluate"),
+    "sample": ("tasks.sample", "gpt.sample"),
 }
 # Shapes artifacts only through config values, which versions hash themselves (see above).
 NOT_CODE_OF_A_STAGE = ("configs/schema.py",)
@@ -50,9 +56,7 @@ NOT_CODE_OF_A_STAGE = ("configs/schema.py",)
 
 
 def _module_file(module: str, root: Path) -> Path | None:
-    """The source file of a project module (a package's __init__.py), None for anything else."""
-    if module.split(".")[0] not in PROJECT_PACKAGES:
-        return None
+    """The source file of a project module (a package's __init__.py), None when there is none."""
     base = root.joinpath(*module.split("."))
     for candidate in (base.with_suffix(".py"), base / "__init__.py"):
         if candidate.is_file():
@@ -60,25 +64,33 @@ def _module_file(module: str, root: Path) -> Path | None:
     return None
 
 
-def _imported_names(file: Path, module: str) -> set[str]:
+def _is_project_module(module: str) -> bool:
+    return module.split(".")[0] in PROJECT_PACKAGES
+
+
+def _imported_names(file: Path, module: str) -> dict[str, bool]:
     """Every module name an import statement anywhere in the file may bring in (also inside
-    functions: a conservative reading), but for those under `if TYPE_CHECKING:`, which never run."""
+    functions: a conservative reading), but for those under `if TYPE_CHECKING:`, which never run;
+    each with whether it must be a module. `import a.b` and the `a` of `from a import b` must;
+    `a.b` of `from a import b` may be a module (`from gpt import tokenize_worker`) or a name
+    inside one (`from gpt.checkpoint import load_model`)."""
     package = module if file.name == "__init__.py" else module.rpartition(".")[0]
-    names: set[str] = set()
+    names: dict[str, bool] = {}
     tree = ast.parse(file.read_bytes(), filename=str(file))
     for guard in [node for node in ast.walk(tree) if isinstance(node, ast.If) and _is_type_checking(node.test)]:
         guard.body = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
+            names.update((alias.name, True) for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
             if node.level:  # from . import x / from ..a import b
                 anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join(anchor + ([node.module] if node.module else []))
             else:
                 base = node.module or ""
-            names.add(base)
-            names.update(f"{base}.{alias.name}" for alias in node.names)  # `from gpt import tokenize_worker`
+            for alias in node.names:
+                names.setdefault(f"{base}.{alias.name}", False)
+            names[base] = True
     return names
 
 
@@ -89,18 +101,26 @@ def _is_type_checking(test: ast.expr) -> bool:
 
 def import_closure(modules: tuple[str, ...] | list[str], root: Path | None = None) -> list[Path]:
     """The source files of `modules`, of the packages they sit in, and of every project
-    module they import, transitively; sorted. `root`: the project folder (default: this one)."""
+    module they import, transitively; sorted. `root`: the project folder (default: this one).
+    A ModuleNotFoundError when one of `modules`, or a module of the project that one of them
+    imports, has no source file: dropping it would leave its code out of versions unseen."""
     root = root or PROJECT_ROOT
     files: dict[str, Path] = {}
-    pending = list(modules)
+    pending = [(module, True) for module in modules]  # (name, whether it must be a module, not a name inside one)
     while pending:
-        module = pending.pop()
-        if module in files or (file := _module_file(module, root)) is None:
-            continue
+        module, must_exist = pending.pop()
+        if module in files or not (_is_project_module(module) or module in modules):
+            continue  # the standard library, Prefect, torch...: not the project's code
+        file = _module_file(module, root)
+        if file is None:
+            if must_exist:
+                raise ModuleNotFoundError(f"{module} is code of a stage, but {root} has no source file for it; "
+                                          "fix its name in storage/versions.py STAGE_MODULES or in the import")
+            continue  # a name inside a module (`from gpt.checkpoint import load_model`), found through the module
         files[module] = file
         parts = module.split(".")
-        pending += [".".join(parts[:depth]) for depth in range(1, len(parts))]  # importing a.b runs a/__init__.py
-        pending += sorted(_imported_names(file, module))
+        pending += [(".".join(parts[:depth]), True) for depth in range(1, len(parts))]  # importing a.b runs a/__init__.py
+        pending += sorted(_imported_names(file, module).items())
     return sorted(files.values())
 
 
@@ -117,7 +137,7 @@ def code_version(*modules: str, root: Path | None = None) -> str:
 
 
 def stage_code_version(stage: str, root: Path | None = None) -> str:
-    return code_version(STAGE_MODULES[stage], root=root)
+    return code_version(*STAGE_MODULES[stage], root=root)
 
 
 # ---------------------------------------------------------------------------------------

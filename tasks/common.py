@@ -14,7 +14,7 @@ from typing import Any
 from prefect import Task
 from prefect.context import TaskRunContext
 
-from configs.errors import is_user_error
+from configs.errors import is_transient, is_user_error
 from storage.artifacts import ArtifactStore, stable_hash
 from storage.markdown import human_bytes
 
@@ -34,14 +34,16 @@ def run_cached_stage(task: Task, store: ArtifactStore, version: str, **parameter
     return result, state.name == "Cached"
 
 
-def retry_unless_user_error(task: Task, task_run: Any, state: Any) -> bool:
-    """The retry condition of every task that Prefect retries: a crash or a transient failure
-    is retried, a UserError (bad input: the same again would fail the same way) never is."""
+def retry_if_transient(task: Task, task_run: Any, state: Any) -> bool:
+    """The retry condition of every task that Prefect retries: only a TransientError (the
+    network, a killed process: it may pass) is retried. A UserError would fail the same way
+    again, and anything else is a bug, which must not run twice."""
     try:
         state.result()
     except BaseException as error:
-        return not is_user_error(error)
+        return is_transient(error)
     return False
+
 
 
 class _UserErrorsInOneLine(logging.Filter):

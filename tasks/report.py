@@ -10,6 +10,7 @@ from typing import Any
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from gpt.checkpoint import STEP_PATTERN, checkpoint_path
 from storage.artifacts import ArtifactStore
 from storage.markdown import fenced, markdown_table
 from tasks.charts import line_chart_svg, markdown_image
@@ -20,13 +21,15 @@ HELLASWAG_REFERENCES = {"GPT-2 124M": 0.2955, "chance": 0.25}
 
 
 def _of_run(store: ArtifactStore, run_name: str, stage: str) -> list[tuple[int, Any]]:
-    """(step, manifest) of the run's checkpoints that a stage has processed; the newest per step."""
-    checkpoints = store.run_dir(run_name) / "checkpoints"
+    """(step, manifest) of the run's checkpoints that a stage has processed; the newest per step.
+    A checkpoint pruned since is still listed: its scores outlive its weights."""
+    run_dir = store.run_dir(run_name)
     newest: dict[int, Any] = {}
     for manifest in store.manifests(stage):  # oldest first, so a newer one of the same step wins
         checkpoint = Path(manifest.inputs.get("checkpoint") or "")
-        if checkpoint.parent == checkpoints and checkpoint.name.startswith("step_"):
-            newest[int(checkpoint.name.removeprefix("step_"))] = manifest
+        step = STEP_PATTERN.match(checkpoint.name)
+        if step and checkpoint == checkpoint_path(run_dir, int(step.group(1))):  # a checkpoint of this run
+            newest[int(step.group(1))] = manifest
     return sorted(newest.items())
 
 

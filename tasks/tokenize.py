@@ -16,13 +16,16 @@ from storage.markdown import markdown_table
 from storage.profile import histogram_svg
 from storage.versions import stage_code_version
 from tasks.charts import markdown_image
-from tasks.common import ProgressArtifact, ui_key, version_cache_key
+from tasks.common import ProgressArtifact, retry_if_transient, ui_key, version_cache_key
 from tasks.download import parquet_files
 
 STAGE = "tokenize"
 
 
-@task(name=STAGE, cache_key_fn=version_cache_key, persist_result=True, result_serializer="json", log_prints=True)
+# One Prefect retry for a transient failure (a crashed encoder process: TokenizerCrashed); a
+# failed attempt publishes nothing, so the retry starts clean.
+@task(name=STAGE, cache_key_fn=version_cache_key, persist_result=True, result_serializer="json", log_prints=True,
+      retries=1, retry_delay_seconds=2, retry_condition_fn=retry_if_transient)
 def tokenize(store: ArtifactStore, version: str, download_ref: dict[str, Any], data: DataConfig,
              config: TokenizeConfig, ui_name: str) -> dict[str, Any]:
     """Write the shards and tokenize.json; publish the shard table to the UI."""

@@ -25,7 +25,7 @@ from gpt.train import train as train_gpt
 from storage.artifacts import ArtifactStore, folder_lock
 from tasks.charts import line_chart_svg, markdown_image
 from storage.markdown import markdown_table
-from tasks.common import ProgressArtifact, retry_unless_user_error, ui_key
+from tasks.common import ProgressArtifact, retry_if_transient, ui_key
 
 STAGE = "train"
 
@@ -97,7 +97,7 @@ def _train_with_torchrun(config: PipelineConfig, data_dir: Path, folder: Path, h
     return json.loads(last_line)
 
 
-@task(name=STAGE, retries=1, retry_delay_seconds=5, retry_condition_fn=retry_unless_user_error, log_prints=True)
+@task(name=STAGE, retries=1, retry_delay_seconds=5, retry_condition_fn=retry_if_transient, log_prints=True)
 def train(store: ArtifactStore, config: PipelineConfig, tokenize_ref: dict[str, Any], hellaswag_ref: dict[str, Any] | None,
           ui_name: str) -> dict[str, Any]:
     """Train (or resume, or continue) the run `runs/<run_name>` and publish its curves and checkpoints.

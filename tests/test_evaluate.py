@@ -8,12 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
+import gpt.checkpoint
 from configs.schema import EvalConfig, SampleConfig
+from gpt.checkpoint import checkpoint_path
 from gpt.data import ShardDataset
 from gpt.evaluate import EvalError, evaluate, render_example, utf8_bytes_per_token
 from gpt.sample import sample
 from gpt.encoding import gpt2_encoding
 from gpt.train import train
+from storage.artifacts import ArtifactStore
+from tasks.report import run_scores
 from tests.gpt_fixtures import tiny_config, write_tiny_shards
 
 HELLASWAG_VAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "hellaswag" / "hellaswag_val.jsonl"
@@ -80,3 +84,15 @@ def test_hellaswag_url_is_refused_with_a_fix(trained):
     config = EvalConfig(max_batches=1, hellaswag_path="https://example.org/hellaswag_val.jsonl")
     with pytest.raises(EvalError, match="download it first"):
         evaluate(checkpoint, shards, config, device="cpu")
+
+
+def test_the_run_report_lists_the_run_s_checkpoints_where_gpt_checkpoint_keeps_them(tmp_path, monkeypatch):
+    """Only gpt.checkpoint knows where a run keeps its checkpoints: the report asks it."""
+    monkeypatch.setattr(gpt.checkpoint, "CHECKPOINTS", "kept-elsewhere")
+    store = ArtifactStore(tmp_path)
+    evaluations = [("mine", 20, 2.9), ("mine", 10, 3.0), ("mine", 20, 2.5), ("other", 10, 9.9)]  # step 20 scored twice
+    for number, (run, step, val_loss) in enumerate(evaluations):
+        checkpoint = checkpoint_path(store.run_dir(run), step)
+        store.publish("evaluate", f"version-{number}", lambda folder, val_loss=val_loss: {"val_loss": val_loss},
+                      inputs={"checkpoint": str(checkpoint)})
+    assert [(row["step"], row["val_loss"]) for row in run_scores(store, "mine")] == [(10, 3.0), (20, 2.5)]  # the newest

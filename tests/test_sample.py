@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import gpt.checkpoint
 from configs import SampleConfig
 from gpt.checkpoint import save_checkpoint
 from gpt.encoding import EOT, gpt2_encoding
@@ -331,6 +332,24 @@ def test_cli_bad_input_names_the_fix(storage_root, monkeypatch, capsys, args, me
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.startswith("error: ") and captured.err.count("\n") == 1
     assert message in captured.err
+
+
+def test_cli_names_only_the_runs_that_have_a_checkpoint(tmp_path, monkeypatch, capsys):
+    store = ArtifactStore(tmp_path)
+    rigged_checkpoint(store.run_dir("trained"), {})
+    store.run_dir("stopped-before-its-first-checkpoint").mkdir(parents=True)
+    monkeypatch.setenv("FWP_STORAGE_ROOT", str(tmp_path))
+    assert main(["--run", "stopped-before-its-first-checkpoint"]) == 1
+    assert "(runs with checkpoints: trained)" in capsys.readouterr().err
+
+
+def test_cli_finds_a_run_s_checkpoints_where_gpt_checkpoint_keeps_them(tmp_path, monkeypatch, capsys):
+    """Only gpt.checkpoint knows where a run keeps its checkpoints: --run asks it."""
+    monkeypatch.setattr(gpt.checkpoint, "CHECKPOINTS", "kept-elsewhere")
+    saved = rigged_checkpoint(ArtifactStore(tmp_path).run_dir("elsewhere"), {})
+    monkeypatch.setenv("FWP_STORAGE_ROOT", str(tmp_path))
+    assert main(["--run", "elsewhere", "--max-new-tokens", "1", "--num-samples", "1", "--device", "cpu"]) == 0
+    assert str(saved) in capsys.readouterr().out.splitlines()[0]
 
 
 def test_cli_best_and_latest(storage_root, monkeypatch, capsys):

@@ -1,6 +1,7 @@
 """Stage versions cover the code each stage runs, found from its imports (storage/versions.py):
-editing any module of a stage's import closure gives it — and the stages after it — a new
-version, and editing a module outside it changes nothing. Checked on a copy of the project."""
+editing any module of a stage's import closure — its task module's included — gives it, and the
+stages after it, a new version; editing a module outside it changes nothing; a stage module that
+cannot be found is an error. Checked on a copy of the project."""
 
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def touch(file: Path) -> None:
 
 
 def closure_names(stage: str, root: Path) -> set[str]:
-    return {file.relative_to(root).as_posix() for file in import_closure([STAGE_MODULES[stage]], root)}
+    return {file.relative_to(root).as_posix() for file in import_closure(STAGE_MODULES[stage], root)}
 
 
 def test_each_stage_covers_the_modules_that_once_were_missing_from_its_list(project):
@@ -49,12 +50,44 @@ def test_each_stage_covers_the_modules_that_once_were_missing_from_its_list(proj
     assert "storage/shards.py" in closure_names("tokenize", project)
     assert "gpt/data.py" in closure_names("evaluate", project)  # it picks the scored windows
     assert "gpt/encoding.py" in closure_names("sample", project)  # the tokenizer of the prompt and the text
-    assert "storage/profile.py" not in closure_names("tokenize", project)  # what a stage does not run is not its code
+    assert "gpt/model.py" not in closure_names("tokenize", project)  # what a stage does not run is not its code
+
+
+@pytest.mark.parametrize(("stage", "module", "what_it_does"), [
+    ("sample", "tasks/sample.py", "samples_markdown writes samples.md"),
+    ("profile", "tasks/profile.py", "writes profile.json, profile.md and the histograms"),
+    ("download", "tasks/download.py", "lays the files out under data/"),
+    ("hellaswag", "gpt/evaluate.py", "read_hellaswag checks the file and counts its items"),
+])
+def test_editing_the_code_that_writes_part_of_an_artifact_changes_its_version(project, stage, module, what_it_does):
+    before = stage_code_version(stage, project)
+    touch(project / module)
+    assert stage_code_version(stage, project) != before, f"{module} {what_it_does}"
+
+
+@pytest.mark.parametrize("module", ["tasks/report.py", "flows/fineweb_pretrain.py", "flows/stack.py"])
+def test_editing_code_that_writes_no_artifact_changes_no_version(project, module):
+    before = {stage: stage_code_version(stage, project) for stage in STAGE_MODULES}
+    touch(project / module)
+    assert {stage: stage_code_version(stage, project) for stage in STAGE_MODULES} == before
+
+
+def test_a_stage_module_without_a_file_is_an_error_not_a_smaller_version(project):
+    (project / "tasks" / "sample.py").rename(project / "tasks" / "sampling.py")
+    with pytest.raises(ModuleNotFoundError, match="tasks.sample"):
+        stage_code_version("sample", project)
+
+
+def test_an_import_of_a_project_module_without_a_file_is_an_error(project):
+    tokenizer = project / "gpt" / "tokenizer.py"
+    tokenizer.write_text(tokenizer.read_text() + "\nfrom gpt.moved_away import encode\n")
+    with pytest.raises(ModuleNotFoundError, match="gpt.moved_away"):
+        stage_code_version("tokenize", project)
 
 
 @pytest.mark.parametrize("stage", sorted(STAGE_MODULES))
 def test_the_closure_holds_every_project_module_the_stage_really_imports(stage):
-    probe = (f"import sys, {STAGE_MODULES[stage]}\n"
+    probe = (f"import sys, {', '.join(STAGE_MODULES[stage])}\n"
              f"print('\\n'.join(sorted(m for m in sys.modules if m.split('.')[0] in {PACKAGES!r})))")
     loaded = subprocess.run([sys.executable, "-c", probe], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True)
     modules = {name for name in loaded.stdout.split() if name}
