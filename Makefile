@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed-torch-$(DETECTED_TORCH_VARIANT)
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 
-.PHONY: help venv demo test bench up down ui browser clean
+.PHONY: help venv demo test faults bench up down ui browser clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -32,7 +32,10 @@ demo: venv  ## run the whole pipeline offline on configs/demo.yaml
 	$(PY) -m flows.fineweb_pretrain --config configs/demo.yaml
 
 test: venv browser  ## run the test suite (starts and stops its own Prefect server and worker)
-	$(PY) -m pytest tests --ignore=tests/benchmarks
+	$(PY) -m pytest tests --ignore=tests/benchmarks --ignore=tests/faults
+
+faults: venv  ## the slow fault-injection suite (a killed worker, load on one store); see RELIABILITY.md
+	$(PY) -m pytest tests/faults -v
 
 browser:  ## install Debian's chromium for the UI test, where apt-get is available
 	@command -v chromium >/dev/null 2>&1 || { \

@@ -5,14 +5,21 @@
   the fix. It is never retried; a CLI prints the line and exits 1.
 - `TransientError`: a failure that may pass by itself — the network, a 5xx, a killed
   process. It is retried with backoff where it happens (the downloader retries its own
-  requests; Prefect retries the train task, which resumes from the last checkpoint); when
-  retries run out, a CLI prints the line and exits 1.
+  requests; Prefect retries the train task, which resumes from the last checkpoint, and the
+  tokenize task once); when retries run out, a CLI prints the line and exits 1.
+- `DiskFull`: a UserError for "no space left" wherever the pipeline writes; nothing
+  partial is published.
 
-Anything else is a bug: CLIs let its traceback through so it can be reported. Messages
+Anything else is a bug: never retried, and CLIs let its traceback through so it can be reported. Messages
 of both kinds pass through `redact`, so no credential reaches a log or an error.
 """
 
 from __future__ import annotations
+
+import errno
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 from configs.secrets import redact
 
@@ -39,3 +46,45 @@ def is_user_error(error: BaseException) -> bool:
             return True
         seen = seen.__cause__
     return False
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether `error`, or an error it was explicitly raised from (`raise ... from`), is a
+    TransientError, and none of them is the user's to fix."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, TransientError):
+            return not is_user_error(error)
+        seen = seen.__cause__
+    return False
+
+
+class DiskFull(UserError):
+    """No space left (or the quota is spent) where the pipeline writes. The user's to fix:
+    free space or move the store; the write that failed published nothing."""
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether `error`, or an error it was raised from or while handling, is ENOSPC/EDQUOT
+    (torch.save reports a full disk as a RuntimeError raised while handling the OSError)."""
+    seen: BaseException | None = error
+    for _ in range(8):
+        if seen is None:
+            return False
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+@contextmanager
+def disk_full_is_one_line(where: str | Path, what: str) -> Iterator[None]:
+    """Turn "no space left on device" inside the block into one DiskFull line naming `where`
+    and the fix; every other error passes unchanged."""
+    try:
+        yield
+    except Exception as exc:
+        if isinstance(exc, DiskFull) or not is_disk_full(exc):
+            raise
+        raise DiskFull(f"no space left on the device holding {where} while writing {what}; nothing partial was kept — "
+                       "free some space (or point storage.root elsewhere), then run again") from None

@@ -1,4 +1,6 @@
-"""The local Prefect stack: a server (SQLite, loopback), a process work pool, the deployments, a worker.
+"""The local Prefect stack: a server (SQLite, loopback), a process work pool, the deployments,
+the automations of flows/automations.yaml (a flow run whose heartbeats stop is marked Crashed),
+and a worker whose flow runs send heartbeats.
 
     python -m flows.stack up      # start everything in the background, print the UI URL
     python -m flows.stack down    # stop the worker (two SIGINTs) and the server
@@ -13,6 +15,7 @@ Tests use the same functions to start a real stack on a free port.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
@@ -22,10 +25,26 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
+from configs.errors import TransientError, UserError
 from flows import PREFECT_DEFAULTS
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 WORK_POOL = "fineweb-local"
+AUTOMATIONS = PROJECT_ROOT / "flows" / "automations.yaml"
+# Flow runs the worker starts send a heartbeat this often (Prefect's minimum, in seconds); the
+# automations in AUTOMATIONS mark a run Crashed when its heartbeats stop.
+HEARTBEAT_DEFAULTS = {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"}
+
+
+class StackError(UserError):
+    """The stack cannot come up as set: the server's port is taken, a Prefect command refuses;
+    the message names the log or the command's last line."""
+
+
+class ServerNotAnswering(TransientError):
+    """The server started but has not answered yet (a first start migrates its database)."""
 
 
 @dataclass
@@ -46,7 +65,8 @@ class Stack:
 def stack_from_env(folder: str | os.PathLike | None = None, port: int | None = None, extra_env: dict[str, str] | None = None) -> Stack:
     folder = Path(folder or os.environ.get("FWP_STACK_DIR", PROJECT_ROOT / ".stack")).resolve()
     port = port or int(os.environ.get("PREFECT_SERVER_API_PORT", "4200"))
-    stack = Stack(folder=folder, port=port, env={**PREFECT_DEFAULTS, **os.environ, **(extra_env or {})})  # the user's settings win
+    defaults = {**PREFECT_DEFAULTS, **HEARTBEAT_DEFAULTS}
+    stack = Stack(folder=folder, port=port, env={**defaults, **os.environ, **(extra_env or {})})  # the user's settings win
     stack.env.update(PREFECT_API_URL=stack.api_url, PREFECT_SERVER_API_PORT=str(port), PREFECT_SERVER_API_HOST="127.0.0.1")
     return stack
 
@@ -56,7 +76,7 @@ def _prefect(stack: Stack, *args: str, check: bool = True, timeout: float | None
     result = subprocess.run(command, cwd=PROJECT_ROOT, env=stack.env, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode:
         tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise RuntimeError(f"`prefect {' '.join(args)}` failed: {tail[0]}")
+        raise StackError(f"`prefect {' '.join(args)}` failed: {tail[0]}")
     return result
 
 
@@ -103,9 +123,11 @@ def start_server(stack: Stack, timeout: float = 90) -> None:
     deadline = time.monotonic() + timeout
     while not server_healthy(stack):
         if not _alive(pid):
-            raise RuntimeError(f"the Prefect server exited at start; see {stack.folder / 'server.log'}")
+            raise StackError(f"the Prefect server exited at start (is port {stack.port} in use? set PREFECT_SERVER_API_PORT); "
+                             f"see {stack.folder / 'server.log'}")
         if time.monotonic() > deadline:
-            raise RuntimeError(f"the Prefect server did not answer within {timeout:.0f}s; see {stack.folder / 'server.log'}")
+            raise ServerNotAnswering(f"the Prefect server did not answer within {timeout:.0f}s; run the command again, "
+                                     f"or see {stack.folder / 'server.log'}")
         time.sleep(0.5)
 
 
@@ -115,6 +137,17 @@ def deploy_all(stack: Stack) -> None:
     if existing.returncode:
         _prefect(stack, "work-pool", "create", WORK_POOL, "--type", "process")
     _prefect(stack, "deploy", "--all")
+
+
+def create_automations(stack: Stack) -> None:
+    """Create the automations of flows/automations.yaml that the server lacks (by name)."""
+    request = urllib.request.Request(f"{stack.api_url}/automations/filter", data=b"{}", method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        existing = {automation["name"] for automation in json.load(response)}
+    for automation in yaml.safe_load(AUTOMATIONS.read_text())["automations"]:
+        if automation["name"] not in existing:
+            _prefect(stack, "automation", "create", "--from-json", json.dumps(automation))
 
 
 def start_worker(stack: Stack) -> None:
@@ -146,6 +179,7 @@ def stop(stack: Stack, name: str, signals: tuple[int, ...], timeout: float = 30)
 def up(stack: Stack) -> None:
     start_server(stack)
     deploy_all(stack)
+    create_automations(stack)
     start_worker(stack)
 
 
@@ -172,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"server {'up' if server_healthy(stack) else 'down'} at {stack.ui_url}; "
                   f"worker {'running' if _pid(stack, 'worker') else 'stopped'}; logs in {stack.folder}")
-    except RuntimeError as exc:
+    except (UserError, TransientError) as exc:  # one line; anything else is a bug and keeps its traceback
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

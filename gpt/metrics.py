@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from configs.errors import disk_full_is_one_line
 from storage.artifacts import write_text_atomic
 
 METRICS_FILE = "metrics.jsonl"
@@ -37,7 +38,7 @@ class EventLog:
         if not self.enabled:
             return record
         if self.metrics_path is not None:
-            with open(self.metrics_path, "a") as handle:
+            with disk_full_is_one_line(self.metrics_path.parent, self.metrics_path.name), open(self.metrics_path, "a") as handle:
                 handle.write(json.dumps(record) + "\n")
         if self.on_event is not None:
             self.on_event(record)

@@ -36,9 +36,14 @@ class Segment:
     warmup: int
     warmup_from: float = 0.0  # LR the warmup starts from: 0 for a fresh run, the last LR for a rewarm
     decay_fraction: float = 1.0  # WSD: share of the segment's iterations spent decaying
+    shape_from: int | None = None  # where its warmup and decay are counted from, if not start_iter (a rescaled rest)
+
+    @property
+    def origin(self) -> int:
+        return self.start_iter if self.shape_from is None else self.shape_from
 
     def lr_at(self, it: int) -> float:
-        t = it - self.start_iter
+        t = it - self.origin
         if t < self.warmup:
             return self.warmup_from + (self.peak - self.warmup_from) * (t + 1) / (self.warmup + 1)
         if it >= self.end_iter:
@@ -55,10 +60,10 @@ class Segment:
     def decay_start(self) -> int:
         """First iteration of the decay: right after warmup for cosine, the last
         `decay_fraction` of the segment for WSD (never before warmup ends)."""
-        after_warmup = self.start_iter + self.warmup
+        after_warmup = self.origin + self.warmup
         if self.kind == "cosine":
             return after_warmup
-        decay_iters = round(self.decay_fraction * (self.end_iter - self.start_iter))
+        decay_iters = round(self.decay_fraction * (self.end_iter - self.origin))
         return max(after_warmup, self.end_iter - decay_iters)
 
 
@@ -171,6 +176,16 @@ class Schedule:
             is_jump=abs(jump) > largest_later_step * (1 + 1e-9),
         )
         return new, continuation
+
+    def rescaled(self, peak: float, floor: float, at_iter: int) -> Schedule:
+        """The same curve from `at_iter` on, with the segment then in force given a new peak and
+        floor (a resumed run whose train.learning_rate or min_lr was changed, e.g. after a
+        divergence); the iterations before keep the LR they were trained with."""
+        current = [s for s in self.segments if s.start_iter <= at_iter][-1]
+        rest = replace(current, start_iter=at_iter, shape_from=current.origin, peak=peak, floor=floor,
+                       warmup_from=min(current.warmup_from, peak))
+        kept = [s for s in self.segments if s.start_iter < at_iter]
+        return Schedule(kept + [rest], max_iters=self.max_iters)
 
     def state_dict(self) -> dict[str, Any]:
         return {"max_iters": self.max_iters, "segments": [asdict(s) for s in self.segments]}

@@ -447,7 +447,16 @@ def _continue_schedule(
         level = logging.WARNING if continuation.is_jump else logging.INFO
         events.emit("schedule", log_level=level, message=continuation.describe(), **vars(continuation))
         return schedule
-    changed = [name for name in SCHEDULE_FIELDS if saved_train.get(name) != getattr(tc, name)]
+    new_levels = {name: getattr(tc, name) for name in ("learning_rate", "min_lr") if saved_train.get(name) != getattr(tc, name)}
+    if new_levels:  # e.g. lowered after a divergence: the rest of the curve, rescaled
+        schedule = schedule.rescaled(tc.learning_rate, tc.min_lr, at_iter)
+        message = (
+            f"{', '.join(f'train.{name} {saved_train.get(name)} → {value}' for name, value in new_levels.items())} since "
+            f"the checkpoint: from iteration {at_iter} the LR follows the same curve rescaled to peak {tc.learning_rate:.3e} "
+            f"and floor {tc.min_lr:.3e} (LR {schedule.lr_at(at_iter):.3e} at iteration {at_iter})"
+        )
+        events.emit("schedule", log_level=logging.WARNING, message=message)
+    changed = [name for name in SCHEDULE_FIELDS if name not in ("learning_rate", "min_lr") and saved_train.get(name) != getattr(tc, name)]
     if changed:
         message = (
             f"{', '.join('train.' + n for n in changed)} changed since the checkpoint; the checkpoint's LR schedule "

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, Field
 
-from configs.errors import UserError
+from configs.errors import UserError, disk_full_is_one_line
 from configs.secrets import redact
 
 MANIFEST = "manifest.json"
@@ -105,17 +105,18 @@ def publish_folder(final: Path, fill: Callable[[Path], T]) -> T:
     folder is removed. An existing `final` (a leftover found incomplete or damaged) is replaced.
     """
     tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        result = fill(tmp)
-        fsync_dir(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        fsync_dir(final.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with disk_full_is_one_line(final.parent, final.name):
+        tmp.mkdir()
+        try:
+            result = fill(tmp)
+            fsync_dir(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            fsync_dir(final.parent)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return result
 
 
@@ -265,10 +266,11 @@ def atomic_file(path: Path) -> Iterator[Path]:
     onto `path` (readers see the old or the new file), when it fails it is removed."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        yield tmp
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        with disk_full_is_one_line(path.parent, path.name):
+            yield tmp
+            with open(tmp, "rb") as handle:
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 

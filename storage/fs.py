@@ -13,7 +13,6 @@ mirror) for `hf://` and for https URLs on the Hub, `AWS_*` or `~/.aws` for `s3:/
 
 from __future__ import annotations
 
-import errno
 import importlib.util
 import os
 import socket
@@ -27,7 +26,7 @@ import requests
 from fsspec import AbstractFileSystem
 from fsspec.core import url_to_fs
 
-from configs.errors import TransientError, UserError
+from configs.errors import DiskFull, TransientError, UserError, is_disk_full
 
 # protocol → the package that provides its fsspec filesystem
 OPTIONAL_BACKENDS = {"hf": "huggingface_hub", "s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs"}
@@ -237,9 +236,9 @@ def source_failure(url: str, error: BaseException) -> BaseException:
     it does not recognise is returned as it is: a bug keeps its traceback."""
     if isinstance(error, (UserError, TransientError)):
         return error
-    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-        return SourceError(f"no space left on the device while copying {url} ({error.filename or 'the store'}); "
-                           "free some space or point storage.root elsewhere, then run again (the copy resumes)")
+    if is_disk_full(error):
+        return DiskFull(f"no space left on the device holding {error.filename or 'the store'} while copying {url}; "
+                        "free some space (or point storage.root elsewhere), then run again: the copy resumes")
     status = http_status(error)
     detail = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
     if status in (401, 403):

@@ -132,3 +132,16 @@ def test_state_round_trip_through_json():
     restored = Schedule.from_state_dict(json.loads(json.dumps(schedule.state_dict())))
     assert restored == schedule
     assert [restored.lr_at(it) for it in range(0, 20001, 13)] == [schedule.lr_at(it) for it in range(0, 20001, 13)]
+
+
+@pytest.mark.parametrize("kind", ["cosine", "wsd"])
+@pytest.mark.parametrize("at_iter", [300, 700, 4000, 6000])
+def test_a_lowered_lr_rescales_the_rest_of_the_curve_and_keeps_the_past(kind, at_iter):
+    before = SEED_RUN.model_copy(update={"schedule": kind})
+    lowered = before.model_copy(update={"learning_rate": 2e-4, "min_lr": 2e-5})
+    rescaled = Schedule.from_config(before).rescaled(2e-4, 2e-5, at_iter)
+    fresh_lowered, original = Schedule.from_config(lowered), Schedule.from_config(before)
+    for it in range(0, 6200, 7):
+        expected = original if it < at_iter else fresh_lowered  # the past as trained, the rest on the lower curve
+        assert rescaled.lr_at(it) == pytest.approx(expected.lr_at(it), rel=1e-12), it
+    assert Schedule.from_state_dict(json.loads(json.dumps(rescaled.state_dict()))) == rescaled
