@@ -208,6 +208,24 @@ class SampleConfig(Section):
         return value
 
 
+class RunnerConfig(Section):
+    """Where the per-file work (tokenizing each parquet file) runs: a Prefect task runner.
+    Speed only: no artifact's version depends on it, and the shards are the same bytes."""
+
+    kind: Literal["local", "dask", "ray"] = Field(
+        default="local", description="local: threads of this process; dask: prefect-dask; ray: prefect-ray")
+    address: str | None = Field(
+        default=None, description="an existing Dask scheduler (tcp://host:8786) or Ray cluster (ray://host:10001); "
+        "dask without it starts a LocalCluster on this machine")
+    workers: int = Field(default=0, ge=0, description="files tokenized at once (local threads or LocalCluster processes); 0 = one per core")
+
+    @model_validator(mode="after")
+    def _ray_needs_an_address(self) -> RunnerConfig:
+        if self.kind == "ray" and not self.address:
+            raise ValueError("runner.kind ray needs runner.address (ray://host:10001) of a running Ray cluster")
+        return self
+
+
 class StorageConfig(Section):
     root: str = Field(default="./artifacts", description=f"every output lives here; env {STORAGE_ROOT_ENV} overrides the preset")
 
@@ -222,6 +240,7 @@ class PipelineConfig(Section):
     eval: EvalConfig = EvalConfig()
     sample: SampleConfig = SampleConfig()
     storage: StorageConfig = StorageConfig()
+    runner: RunnerConfig = RunnerConfig()
 
     @property
     def run_name(self) -> str:

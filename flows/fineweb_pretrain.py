@@ -20,12 +20,12 @@ from prefect import flow
 from configs import PipelineConfig, PipelineOverrides, describe, load_config
 from configs.errors import UserError
 from flows.common import config_arguments, flow_run_name, hellaswag_artifact, run_flow_cli, score_checkpoint
+from flows.dataset import task_runner, tokenize_dataset
 from storage.artifacts import ArtifactStore
 from storage.versions import plan_download, plan_profile, plan_tokenize
-from tasks.common import run_cached_stage
+from tasks.common import announce_cache_hit, run_cached_stage
 from tasks.download import download
 from tasks.profile import profile
-from tasks.tokenize import tokenize
 from tasks.train import checkpointed_iteration, train
 
 Stage = Literal["download", "profile", "tokenize", "hellaswag", "train", "evaluate", "sample"]
@@ -81,8 +81,11 @@ def run_pipeline(cfg: PipelineConfig, until: Stage | None = None, continue_run: 
     if record("profile", profiled, hit):
         return summary
 
-    shards, hit = run_cached_stage(tokenize, store, plan_tokenize(raw["version"], cfg.data, cfg.tokenize),
-                                   download_ref=raw, data=cfg.data, config=cfg.tokenize, ui_name=ui)
+    tokenize_version = plan_tokenize(raw["version"], cfg.data, cfg.tokenize)
+    shards, hit = tokenize_dataset.with_options(task_runner=task_runner(cfg.runner))(
+        store=store, version=tokenize_version, download_ref=raw, data=cfg.data, config=cfg.tokenize, ui_name=ui)
+    if hit:
+        announce_cache_hit(store, "tokenize", tokenize_version)
     if record("tokenize", shards, hit):
         return summary
 

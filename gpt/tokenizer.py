@@ -31,6 +31,7 @@ if TYPE_CHECKING:  # only the type: the tokenizer reads the config's fields and 
     from configs.schema import TokenizeConfig
 
 TOKEN_COUNT_COLUMN = "token_count"  # FineWeb's GPT-2 count per document (no EOT)
+DOC_TOKENS_FILE = "doc_tokens.npy"  # tokens per document (uint32), in the order they were read
 BATCH_ROWS = 256  # documents per job (~0.4 M tokens of FineWeb, ~0.1 s): big enough to amortise a pipe round trip, small enough to balance the last jobs
 
 
@@ -42,10 +43,11 @@ class TokenizerCrashed(TransientError):
     """A tokenizer helper process died (killed, out of memory); running again starts over."""
 
 
-def is_val_document(seed: int, file_index: int, row_index: int, val_fraction: float) -> bool:
-    """Whether a document is held out: a seeded hash of its position, so the split never
-    depends on batching or worker count and a document is never cut in two."""
-    key = f"{seed}/{file_index}/{row_index}".encode()
+def is_val_document(seed: int, file_key: str | int, row_index: int, val_fraction: float) -> bool:
+    """Whether a document is held out: a seeded hash of its position (its file's key and its
+    row), so the split never depends on batching, worker count or which files were tokenized
+    together, and a document is never cut in two."""
+    key = f"{seed}/{file_key}/{row_index}".encode()
     draw = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
     return draw < val_fraction * 2**64
 
@@ -78,7 +80,7 @@ class _Tokenized:
     token_count_mismatches: int
 
 
-def _finisher(seed: int, val_fraction: float) -> Callable[[_Job, Encoded], _Tokenized]:
+def _finisher(seed: int, val_fraction: float, file_keys: list[str]) -> Callable[[_Job, Encoded], _Tokenized]:
     """What an encoder's thread does with its answer: the split, and the counts checked against FineWeb's."""
 
     def finish(job: _Job, encoded: Encoded) -> _Tokenized:
@@ -86,7 +88,8 @@ def _finisher(seed: int, val_fraction: float) -> Callable[[_Job, Encoded], _Toke
         mismatches = 0
         if job.token_counts is not None:  # FineWeb's own GPT-2 counts: ours must agree
             mismatches = int(np.count_nonzero((job.token_counts >= 0) & (job.token_counts != lengths)))
-        is_val = np.fromiter((is_val_document(seed, job.file_index, row, val_fraction) for row in job.rows.tolist()),
+        key = file_keys[job.file_index]
+        is_val = np.fromiter((is_val_document(seed, key, row, val_fraction) for row in job.rows.tolist()),
                              dtype=bool, count=len(job.rows))
         return _Tokenized(
             file_index=job.file_index,
@@ -184,7 +187,7 @@ def _cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def _length_summary(lengths: np.ndarray) -> dict[str, Any]:
+def length_summary(lengths: np.ndarray) -> dict[str, Any]:
     """Quantiles and a power-of-two histogram of per-document token counts."""
     if not lengths.size:
         return {}
@@ -209,6 +212,8 @@ def tokenize_parquet(
     text_column: str = "text",
     max_rows: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    file_keys: list[str] | None = None,
+    require_both_splits: bool = True,
 ) -> dict[str, Any]:
     """Tokenize parquet files into llm.c shards in out_dir and return the stage manifest.
 
@@ -218,6 +223,11 @@ def tokenize_parquet(
     `invalid_utf8_documents` (decoded with replacement characters), `doc_tokens`
     (quantiles and histogram), `tokens_per_second`, and `token_count_mismatches` when the
     parquet has FineWeb's `token_count` column (it should be 0).
+
+    `file_keys` name the files in the val split's hash (default: their index in `files`);
+    a name that does not change when other files join keeps each file's split the same.
+    Without `require_both_splits`, a file whose documents all land in one split is fine (the
+    dataset it joins is checked as a whole).
 
     progress(rows_done, rows_total) is called after each batch. On any error the shards
     written so far are removed, so out_dir never holds a partial result that looks complete.
@@ -244,7 +254,8 @@ def tokenize_parquet(
     started = time.perf_counter()
     try:
         jobs = _jobs(files, list(schemas), text_column, max_rows)
-        results = encoded_in_order(jobs, num_workers, arguments, _finisher(config.seed, config.val_fraction))
+        keys = file_keys if file_keys is not None else [str(index) for index in range(len(files))]
+        results = encoded_in_order(jobs, num_workers, arguments, _finisher(config.seed, config.val_fraction, keys))
         with contextlib.closing(results):
             for result in results:
                 ends = np.cumsum(result.lengths + 1).tolist()
@@ -264,7 +275,7 @@ def tokenize_parquet(
         for writer in writers.values():
             writer.flush()
         for split, count in documents.items():
-            if count == 0:
+            if count == 0 and require_both_splits:
                 raise TokenizeError(
                     f"no document landed in {split} ({sum(documents.values())} documents, "
                     f"tokenize.val_fraction={config.val_fraction}); use more data or change --set tokenize.val_fraction=..."
@@ -278,6 +289,8 @@ def tokenize_parquet(
     seconds = time.perf_counter() - started
 
     tokens = {split: sum(s["tokens"] for s in writer.shards) for split, writer in writers.items()}
+    all_lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
+    np.save(out_dir / DOC_TOKENS_FILE, all_lengths.astype(np.uint32))  # for a dataset assembled from many files
     manifest: dict[str, Any] = {
         "encoding": "gpt2",
         "eot_token": EOT,
@@ -290,11 +303,60 @@ def tokenize_parquet(
         "invalid_utf8_documents": invalid,
         "tokens": tokens,
         "text_bytes": text_bytes,
-        "doc_tokens": _length_summary(np.concatenate(lengths) if lengths else np.zeros(0, np.int64)),
+        "doc_tokens": length_summary(all_lengths),
         "num_workers": num_workers,
         "seconds": round(seconds, 3),
         "tokens_per_second": round(sum(tokens.values()) / seconds, 1) if seconds > 0 else None,
     }
     if any(_has_token_counts(schema) for schema in schemas):
         manifest["token_count_mismatches"] = mismatches
+    return manifest
+
+
+def assemble_dataset(parts: list[tuple[str, Path, dict[str, Any]]], out_dir: Path) -> dict[str, Any]:
+    """One dataset from per-file tokenize results: `parts` is (file key, folder, its manifest)
+    in file order. Each part's shards are hard-linked (not copied) into out_dir, renumbered
+    train_000000.bin, … and val_000000.bin, … in that order, so the trainer reads the same
+    tokens in the same order whoever tokenized which file, and when. Returns the manifest of
+    the whole: the per-file one's totals summed, its shards named by file."""
+    out_dir = Path(out_dir)
+    shards: list[dict[str, Any]] = []
+    next_index = {"train": 0, "val": 0}
+    for key, folder, report in parts:
+        for shard in report["shards"]:
+            split = shard["split"]
+            name = f"{split}_{next_index[split]:06d}.bin"
+            next_index[split] += 1
+            os.link(Path(folder) / shard["name"], out_dir / name)
+            shards.append({**shard, "name": name, "file": key, "file_shard": shard["name"]})
+    documents = {split: sum(r["documents"][split] for _, _, r in parts) for split in ("train", "val")}
+    for split, count in documents.items():
+        if count == 0:
+            raise TokenizeError(f"no document landed in {split} ({sum(documents.values())} documents); "
+                                "use more data or change --set tokenize.val_fraction=...")
+    lengths = [np.load(Path(folder) / DOC_TOKENS_FILE) for _, folder, _ in parts]
+    all_lengths = np.concatenate(lengths).astype(np.int64) if lengths else np.zeros(0, np.int64)
+    np.save(out_dir / DOC_TOKENS_FILE, all_lengths.astype(np.uint32))
+    first = parts[0][2]
+    total = lambda name: sum(r.get(name, 0) for _, _, r in parts)  # noqa: E731
+    manifest: dict[str, Any] = {
+        "encoding": first["encoding"],
+        "eot_token": first["eot_token"],
+        "sources": [source for _, _, r in parts for source in r["sources"]],
+        "files": [key for key, _, _ in parts],
+        "text_column": first["text_column"],
+        "rows_read": total("rows_read"),
+        "shards": [s for s in shards if s["split"] == "train"] + [s for s in shards if s["split"] == "val"],
+        "documents": documents,
+        "skipped_empty_documents": total("skipped_empty_documents"),
+        "invalid_utf8_documents": total("invalid_utf8_documents"),
+        "tokens": {split: sum(r["tokens"][split] for _, _, r in parts) for split in ("train", "val")},
+        "text_bytes": {split: sum(r["text_bytes"][split] for _, _, r in parts) for split in ("train", "val")},
+        "doc_tokens": length_summary(all_lengths),
+        "seconds": round(total("seconds"), 3),
+    }
+    manifest["tokens_per_second"] = (round(sum(manifest["tokens"].values()) / manifest["seconds"], 1)
+                                     if manifest["seconds"] > 0 else None)
+    if any("token_count_mismatches" in r for _, _, r in parts):
+        manifest["token_count_mismatches"] = total("token_count_mismatches")
     return manifest

@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -172,6 +173,16 @@ class ArtifactStore:
                 f"storage root {self.root} is not writable ({exc.strerror}); "
                 "pass --set storage.root=PATH or set FWP_STORAGE_ROOT to a writable folder"
             ) from None
+
+    def check_reachable(self, *paths: str | os.PathLike) -> None:
+        """On a worker of a distributed runner: the store (and `paths` inside it) must be here,
+        at the same path as where the flow runs, or the work would land where no one reads it."""
+        missing = [str(path) for path in (self.root, *paths) if not Path(path).exists()]
+        if missing:
+            raise ArtifactError(
+                f"{missing[0]} is not visible on this worker ({socket.gethostname()}); workers on other machines "
+                f"need the store on a filesystem they all mount at the same path (storage.root={self.root})"
+            )
 
     def path(self, stage: str, version: str) -> Path:
         return self.root / stage / version

@@ -190,6 +190,14 @@ def plan_profile(download_version: str, data: DataConfig, profile: ProfileConfig
                         "code": stage_code_version("profile")})
 
 
+def plan_tokenize_file(file_sha256: str, file_key: str, data: DataConfig, tokenize: TokenizeConfig) -> str:
+    """One parquet file's shards: named by the file's content and name, not by the download
+    that brought it, so a file is tokenized once whichever glob or list it arrives in."""
+    return stable_hash({"file": file_sha256, "key": file_key, "text_column": data.text_column,
+                        "tokenize": tokenize.model_dump(exclude={"num_workers"}),  # speed, never bytes
+                        "code": stage_code_version("tokenize")})
+
+
 def plan_tokenize(download_version: str, data: DataConfig, tokenize: TokenizeConfig) -> str:
     return stable_hash({"download": download_version, "text_column": data.text_column,
                         "tokenize": tokenize.model_dump(exclude={"num_workers"}),  # speed, never bytes

@@ -24,14 +24,19 @@ def version_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> st
     return f"{context.task.name}-{parameters['version']}-{stable_hash(str(parameters['store'].root), 8)}"
 
 
-def run_cached_stage(task: Task, store: ArtifactStore, version: str, **parameters: Any) -> tuple[dict[str, Any], bool]:
+def run_cached_stage(task: Task, store: ArtifactStore, version: str, quiet: bool = False,
+                     **parameters: Any) -> tuple[dict[str, Any], bool]:
     """Run a stage task; return (its result, whether Prefect served it from the cache)."""
     fresh = not store.exists(task.name, version)
     state = task.with_options(refresh_cache=fresh)(store=store, version=version, return_state=True, **parameters)
     result = state.result()  # raises the task's error when it failed
-    if state.name == "Cached":
-        print(f"{task.name}: cache hit, artifact {version} reused ({store.path(task.name, version)})")
+    if state.name == "Cached" and not quiet:
+        announce_cache_hit(store, task.name, version)
     return result, state.name == "Cached"
+
+
+def announce_cache_hit(store: ArtifactStore, stage: str, version: str) -> None:
+    print(f"{stage}: cache hit, artifact {version} reused ({store.path(stage, version)})")
 
 
 def retry_if_transient(task: Task, task_run: Any, state: Any) -> bool:

@@ -165,8 +165,8 @@ def test_a_crashed_tokenizer_is_retried_by_prefect(prepared, prefect_server):
                                                              *(f"--set={s}" for s in settings)], prepared)
     assert process.returncode == 0, process.stderr[-3000:]
     assert "TokenizerCrashed" in process.stderr + process.stdout
-    tokenize = task_runs(prefect_server, "demo/tokenizer-crash")["tokenize"]
-    assert tokenize["state_type"] == "COMPLETED" and tokenize["run_count"] == 2
+    tokenize_file = task_runs(prefect_server, "tokenize tokenizer-crash")["tokenize demo_corpus_python_docs.parquet"]
+    assert tokenize_file["state_type"] == "COMPLETED" and tokenize_file["run_count"] == 2
 
 
 def raised_from(error: Exception, cause: Exception) -> Exception:
