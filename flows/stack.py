@@ -67,7 +67,9 @@ def stack_from_env(folder: str | os.PathLike | None = None, port: int | None = N
     port = port or int(os.environ.get("PREFECT_SERVER_API_PORT", "4200"))
     defaults = {**PREFECT_DEFAULTS, **HEARTBEAT_DEFAULTS}
     stack = Stack(folder=folder, port=port, env={**defaults, **os.environ, **(extra_env or {})})  # the user's settings win
-    stack.env.update(PREFECT_API_URL=stack.api_url, PREFECT_SERVER_API_PORT=str(port), PREFECT_SERVER_API_HOST="127.0.0.1")
+    # loopback only, unless the user names another address to listen on (e.g. 0.0.0.0 for workers on other machines)
+    stack.env.update(PREFECT_API_URL=stack.api_url, PREFECT_SERVER_API_PORT=str(port),
+                     PREFECT_SERVER_API_HOST=os.environ.get("PREFECT_SERVER_API_HOST", "127.0.0.1"))
     return stack
 
 
@@ -119,7 +121,7 @@ def server_healthy(stack: Stack) -> bool:
 def start_server(stack: Stack, timeout: float = 90) -> None:
     if server_healthy(stack):
         return
-    pid = _spawn(stack, "server", "server", "start", "--host", "127.0.0.1", "--port", str(stack.port), "--analytics-off")
+    pid = _spawn(stack, "server", "server", "start", "--host", stack.env["PREFECT_SERVER_API_HOST"], "--port", str(stack.port), "--analytics-off")
     deadline = time.monotonic() + timeout
     while not server_healthy(stack):
         if not _alive(pid):

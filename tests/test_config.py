@@ -84,3 +84,10 @@ def test_flow_override_model_keeps_each_fields_type_and_bounds():
         PipelineOverrides.model_validate({"train": {"max_iters": 0}})
     with pytest.raises(ValidationError, match="n_layers"):
         PipelineOverrides.model_validate({"model": {"n_layers": 3}})
+
+
+@pytest.mark.parametrize("preset", ["fineweb-40m", "gpt2-124m"])
+def test_real_presets_score_hellaswag_from_its_canonical_url_during_and_after_training(preset):
+    config = load_config(preset)
+    assert config.eval.hellaswag_path == "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
+    assert config.train.hellaswag_interval == 250 and config.train.hellaswag_items == 500

@@ -62,8 +62,11 @@ def demo_run(stack) -> dict:
 def test_every_preset_is_deployed_on_the_process_pool(stack):
     stack, _ = stack
     deployments = api(stack, "POST", "/deployments/filter", json={})
-    names = {d["name"]: d for d in deployments}
-    assert {"demo", "fineweb-40m", "gpt2-124m", "continue-to-20k"} <= set(names)
+    flows = {flow["id"]: flow["name"] for flow in api(stack, "POST", "/flows/filter", json={})}
+    assert {f"{flows[d['flow_id']]}/{d['name']}" for d in deployments} == {
+        "fineweb-pretrain/demo", "fineweb-pretrain/fineweb-40m", "fineweb-pretrain/gpt2-124m",
+        "fineweb-pretrain/continue-to-20k", "fineweb-evaluate/fineweb-40m", "fineweb-evaluate/demo"}
+    names = {d["name"]: d for d in deployments if flows[d["flow_id"]] == "fineweb-pretrain"}
     assert all(d["work_pool_name"] == WORK_POOL for d in names.values())
     continuation = names["continue-to-20k"]
     assert continuation["parameters"]["overrides"] == {"train": {"max_iters": 20000}}
@@ -108,6 +111,20 @@ def test_deployment_run_then_continuation_resumes_from_the_last_checkpoint(stack
                            "--param", "continue_run=true")
     assert again["state"]["type"] == "COMPLETED"
     assert "already at iteration 160" in again["log_text"]
+
+
+def test_the_evaluate_deployment_scores_a_kept_checkpoint_without_training(stack, demo_run):
+    stack, root = stack
+    checkpoints = root / "runs" / "demo" / "checkpoints"
+    before = sorted(path.name for path in checkpoints.iterdir())
+    scored = run_deployment(stack, "fineweb-evaluate/demo", "--param", "checkpoint=best")
+    assert scored["state"]["type"] == "COMPLETED", scored["log_text"][-3000:]
+    assert sorted(path.name for path in checkpoints.iterdir()) == before  # nothing trained, nothing pruned
+    evaluations = [json.loads((folder / "eval.json").read_text()) for folder in (root / "evaluate").iterdir()
+                   if (folder / "eval.json").is_file()]
+    assert evaluations and all(e["val_loss"] > 0 for e in evaluations)
+    keys = {a["key"] for a in api(stack, "POST", "/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [scored["id"]]}}})}
+    assert {"demo-checkpoint-scores", "demo-progress", "demo-samples-gallery"} <= keys
 
 
 def test_rehearsal_of_the_seed_run_from_the_hub_then_its_continuation(stack, loopback_hub, hellaswag_file):
