@@ -219,8 +219,9 @@ def test_a_full_disk_during_tokenize_is_one_line_publishes_no_shard_and_the_next
     process, _ = run_pipeline_cli(args, env, timeout=600)
 
     line = one_line_error(process)
-    assert "no space left on the device holding" in line and str(root / "tokenize") in line
-    assert [p.name for p in (root / "tokenize").iterdir()] == []  # no shard, no temporary folder
+    assert "no space left on the device holding" in line and str(root / "tokenize-file") in line
+    for stage in ("tokenize-file", "tokenize"):  # no shard, no temporary folder
+        assert not (root / stage).exists() or [p.name for p in (root / stage).iterdir()] == []
     store = ArtifactStore(root)
     for stage in ("download", "profile"):
         assert store.verify(stage, store.latest(stage)) == [], stage
