@@ -32,7 +32,7 @@ demo: venv  ## run the whole pipeline offline on configs/demo.yaml
 	$(PY) -m flows.fineweb_pretrain --config configs/demo.yaml
 
 test: venv browser  ## run the test suite (starts and stops its own Prefect server and worker)
-	$(PY) -m pytest tests --ignore=tests/benchmarks --ignore=tests/faults
+	$(PY) -m pytest tests --ignore=tests/benchmarks --ignore=tests/faults --durations=12
 
 faults: venv  ## the slow fault-injection suite (a killed worker, load on one store); see RELIABILITY.md
 	$(PY) -m pytest tests/faults -v
