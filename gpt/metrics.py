@@ -68,7 +68,7 @@ def describe_event(event: dict[str, Any]) -> str:
         return f"iter {event['iter']}: saved checkpoint {event['path']}"
     if kind == "hellaswag":
         return f"iter {event['iter']}: HellaSwag acc_norm {_fmt(event['acc_norm'])}, acc {_fmt(event['acc'])} ({event['items']} items)"
-    if kind == "schedule":
+    if kind in ("schedule", "warning"):
         return event["message"]
     if kind == "done":
         return (

@@ -335,6 +335,11 @@ def _train(
     )
     if saved is not None:
         state.schedule = _continue_schedule(state.schedule, saved["config"]["train"], config, start_iter, events)
+        trained_on = saved.get("data_dir")
+        if trained_on and Path(trained_on).resolve() != data_dir.resolve():  # e.g. the tokenizer's code changed
+            events.emit("warning", log_level=logging.WARNING, message=(
+                f"resuming on {data_dir}, but iterations 1–{start_iter} were trained on {trained_on}: the data (or the "
+                "code that made it) changed since; choose a new train.run_name to train from scratch on the new data"))
 
     # torch.compile speeds up training only; evaluation and checkpoints use the plain `model`.
     train_model: torch.nn.Module = torch.compile(model) if tc.compile else model

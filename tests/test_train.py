@@ -345,3 +345,14 @@ def test_metrics_of_the_previous_format_are_read_and_trimmed_with_one_meaning(tm
     kept = read_events(path)
     assert [e["iter"] for e in kept if e["event"] == "train"] == [1, 2, 3, 4]  # the 0-based 0..3, as iterations completed
     assert [(e["event"], e["iter"]) for e in kept if e["event"] != "train" and "iter" in e] == [("eval", 4), ("checkpoint", 4)]
+
+
+def test_resuming_on_other_data_than_the_checkpoint_was_trained_on_is_a_warning(shards, tmp_path):
+    run, moved = tmp_path / "run", tmp_path / "new-tokenize-version"
+    train(tiny_config(max_iters=10), shards, run)
+    shutil.copytree(shards, moved)
+    train(tiny_config(max_iters=10), shards, run)  # the same data: nothing to say
+    result = train(tiny_config(max_iters=20), moved, run)
+    assert result["start_iter"] == 10
+    warnings = [e["message"] for e in read_metrics(run) if e["event"] == "warning"]
+    assert len(warnings) == 1 and str(moved) in warnings[0] and str(shards) in warnings[0] and "train.run_name" in warnings[0]
