@@ -38,25 +38,26 @@ class TransientError(Exception):
         super().__init__(redact(str(message)))
 
 
+def _chain(error: BaseException, implicit: bool = False) -> Iterator[BaseException]:
+    """`error` and the errors it was explicitly raised from (`raise ... from`); with `implicit`,
+    also those it was raised while handling."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or (current.__context__ if implicit else None)
+
+
 def is_user_error(error: BaseException) -> bool:
     """Whether `error`, or an error it was explicitly raised from (`raise ... from`), is the user's to fix."""
-    seen: BaseException | None = error
-    while seen is not None:
-        if isinstance(seen, UserError):
-            return True
-        seen = seen.__cause__
-    return False
+    return any(isinstance(seen, UserError) for seen in _chain(error))
 
 
 def is_transient(error: BaseException) -> bool:
     """Whether `error`, or an error it was explicitly raised from (`raise ... from`), is a
     TransientError, and none of them is the user's to fix."""
-    seen: BaseException | None = error
-    while seen is not None:
-        if isinstance(seen, TransientError):
-            return not is_user_error(error)
-        seen = seen.__cause__
-    return False
+    return any(isinstance(seen, TransientError) for seen in _chain(error)) and not is_user_error(error)
 
 
 class DiskFull(UserError):
@@ -64,17 +65,12 @@ class DiskFull(UserError):
     free space or move the store; the write that failed published nothing."""
 
 
-def is_disk_full(error: BaseException) -> bool:
-    """Whether `error`, or an error it was raised from or while handling, is ENOSPC/EDQUOT
-    (torch.save reports a full disk as a RuntimeError raised while handling the OSError)."""
-    seen: BaseException | None = error
-    for _ in range(8):
-        if seen is None:
-            return False
-        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
+def disk_full_error(error: BaseException) -> OSError | None:
+    """The ENOSPC/EDQUOT OSError behind `error` (itself, one it was raised from, or one it was
+    raised while handling: torch.save reports a full disk as a RuntimeError raised while
+    handling the OSError), or None."""
+    return next((seen for seen in _chain(error, implicit=True)
+                 if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT)), None)
 
 
 @contextmanager
@@ -84,7 +80,7 @@ def disk_full_is_one_line(where: str | Path, what: str) -> Iterator[None]:
     try:
         yield
     except Exception as exc:
-        if isinstance(exc, DiskFull) or not is_disk_full(exc):
+        if isinstance(exc, DiskFull) or disk_full_error(exc) is None:
             raise
         raise DiskFull(f"no space left on the device holding {where} while writing {what}; nothing partial was kept — "
                        "free some space (or point storage.root elsewhere), then run again") from None

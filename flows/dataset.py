@@ -27,7 +27,7 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from configs import DataConfig, RunnerConfig, TokenizeConfig
 from configs.errors import UserError
 from storage.artifacts import ArtifactStore
-from storage.versions import plan_tokenize_file
+from storage.versions import plan_tokenize_files, stage_code_version
 from tasks.common import ProgressArtifact, run_cached_stage
 from tasks.tokenize import FILE_STAGE, tokenize, tokenize_file
 
@@ -61,14 +61,15 @@ def tokenize_dataset(store: ArtifactStore, version: str, download_ref: dict[str,
     files = store.manifest("download", download_ref["version"]).files
     parquet = sorted((entry for entry in files if entry.path.endswith(".parquet")), key=lambda entry: entry.path)
     progress = ProgressArtifact(f"tokenizing {len(parquet)} parquet file(s)")
+    keys = [Path(entry.path).name for entry in parquet]
+    versions = plan_tokenize_files([(key, entry.sha256) for key, entry in zip(keys, parquet)], data, config)
+    code = stage_code_version("tokenize")
     submitted = []
-    for entry in parquet:
-        key = Path(entry.path).name
-        file_version = plan_tokenize_file(entry.sha256, key, data, config)
+    for key, entry, file_version in zip(keys, parquet, versions):
         fresh = not store.exists(FILE_STAGE, file_version)  # a deleted artifact is rebuilt, not trusted from the cache
         future = tokenize_file.with_options(refresh_cache=fresh).submit(
             store=store, version=file_version, file=str(Path(download_ref["path"]) / entry.path), file_key=key,
-            data=data, config=config)
+            data=data, config=config, code=code)
         submitted.append((key, future))
     file_refs = []
     for done, (key, future) in enumerate(submitted, start=1):

@@ -68,7 +68,8 @@ ERROR_FILE_ENV = "FWP_ERROR_FILE"
 # Model settings that must match to resume a run (dropout may change between sessions).
 ARCHITECTURE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")
 # Train settings that shape the LR schedule; on resume the checkpoint's schedule wins.
-SCHEDULE_FIELDS = ("learning_rate", "min_lr", "schedule", "warmup_iters", "lr_decay_iters", "wsd_decay_fraction")
+LR_LEVEL_FIELDS = ("learning_rate", "min_lr")  # changed on resume, they rescale the rest of the schedule
+SCHEDULE_FIELDS = (*LR_LEVEL_FIELDS, "schedule", "warmup_iters", "lr_decay_iters", "wsd_decay_fraction")
 
 logger = logging.getLogger(__name__)
 
@@ -452,7 +453,7 @@ def _continue_schedule(
         level = logging.WARNING if continuation.is_jump else logging.INFO
         events.emit("schedule", log_level=level, message=continuation.describe(), **vars(continuation))
         return schedule
-    new_levels = {name: getattr(tc, name) for name in ("learning_rate", "min_lr") if saved_train.get(name) != getattr(tc, name)}
+    new_levels = {name: getattr(tc, name) for name in LR_LEVEL_FIELDS if saved_train.get(name) != getattr(tc, name)}
     if new_levels:  # e.g. lowered after a divergence: the rest of the curve, rescaled
         schedule = schedule.rescaled(tc.learning_rate, tc.min_lr, at_iter)
         message = (
@@ -461,7 +462,7 @@ def _continue_schedule(
             f"and floor {tc.min_lr:.3e} (LR {schedule.lr_at(at_iter):.3e} at iteration {at_iter})"
         )
         events.emit("schedule", log_level=logging.WARNING, message=message)
-    changed = [name for name in SCHEDULE_FIELDS if name not in ("learning_rate", "min_lr") and saved_train.get(name) != getattr(tc, name)]
+    changed = [name for name in SCHEDULE_FIELDS if name not in LR_LEVEL_FIELDS and saved_train.get(name) != getattr(tc, name)]
     if changed:
         message = (
             f"{', '.join('train.' + n for n in changed)} changed since the checkpoint; the checkpoint's LR schedule "

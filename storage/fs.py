@@ -26,7 +26,7 @@ import requests
 from fsspec import AbstractFileSystem
 from fsspec.core import url_to_fs
 
-from configs.errors import DiskFull, TransientError, UserError, is_disk_full
+from configs.errors import DiskFull, TransientError, UserError, disk_full_error
 
 # protocol → the package that provides its fsspec filesystem
 OPTIONAL_BACKENDS = {"hf": "huggingface_hub", "s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs"}
@@ -236,8 +236,8 @@ def source_failure(url: str, error: BaseException) -> BaseException:
     it does not recognise is returned as it is: a bug keeps its traceback."""
     if isinstance(error, (UserError, TransientError)):
         return error
-    if is_disk_full(error):
-        return DiskFull(f"no space left on the device holding {error.filename or 'the store'} while copying {url}; "
+    if (full := disk_full_error(error)) is not None:
+        return DiskFull(f"no space left on the device holding {full.filename or 'the store'} while copying {url}; "
                         "free some space (or point storage.root elsewhere), then run again: the copy resumes")
     status = http_status(error)
     detail = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"

@@ -190,12 +190,14 @@ def plan_profile(download_version: str, data: DataConfig, profile: ProfileConfig
                         "code": stage_code_version("profile")})
 
 
-def plan_tokenize_file(file_sha256: str, file_key: str, data: DataConfig, tokenize: TokenizeConfig) -> str:
-    """One parquet file's shards: named by the file's content and name, not by the download
-    that brought it, so a file is tokenized once whichever glob or list it arrives in."""
-    return stable_hash({"file": file_sha256, "key": file_key, "text_column": data.text_column,
-                        "tokenize": tokenize.model_dump(exclude={"num_workers"}),  # speed, never bytes
-                        "code": stage_code_version("tokenize")})
+def plan_tokenize_files(files: list[tuple[str, str]], data: DataConfig, tokenize: TokenizeConfig) -> list[str]:
+    """The version of each parquet file's shards, for `files` as (file key, sha256): named by
+    the file's content and name, not by the download that brought it, so a file is tokenized
+    once whichever glob or list it arrives in. The code is read once for all the files."""
+    code = stage_code_version("tokenize")
+    settings = tokenize.model_dump(exclude={"num_workers"})  # speed, never bytes
+    return [stable_hash({"file": sha256, "key": key, "text_column": data.text_column, "tokenize": settings, "code": code})
+            for key, sha256 in files]
 
 
 def plan_tokenize(download_version: str, data: DataConfig, tokenize: TokenizeConfig) -> str:

@@ -34,8 +34,9 @@ REPORT = "tokenize.json"
 @task(name=FILE_STAGE, task_run_name="tokenize {file_key}", cache_key_fn=version_cache_key, persist_result=True,
       result_serializer="json", retries=1, retry_delay_seconds=2, retry_condition_fn=retry_if_transient)
 def tokenize_file(store: ArtifactStore, version: str, file: str, file_key: str, data: DataConfig,
-                  config: TokenizeConfig) -> dict[str, Any]:
-    """One parquet file's shards, doc lengths and report, as its own artifact."""
+                  config: TokenizeConfig, code: str) -> dict[str, Any]:
+    """One parquet file's shards, doc lengths and report, as its own artifact; `code` is the
+    stage's code version, read once by the caller for all the files."""
     store.check_reachable(file)  # a worker on another machine must see the same store
 
     def build(folder: Path) -> dict[str, Any]:
@@ -44,8 +45,7 @@ def tokenize_file(store: ArtifactStore, version: str, file: str, file_key: str, 
         (folder / REPORT).write_text(json.dumps(report, indent=2, default=str))
         return report
 
-    store.publish(FILE_STAGE, version, build, inputs={"file": file_key}, config=config.model_dump(),
-                  code=stage_code_version(STAGE))
+    store.publish(FILE_STAGE, version, build, inputs={"file": file_key}, config=config.model_dump(), code=code)
     return store.ref(FILE_STAGE, version).to_dict()
 
 
