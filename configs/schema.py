@@ -13,10 +13,21 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 from pydantic.fields import FieldInfo
 
 from configs.errors import UserError
+from configs.secrets import redact
 
 PRESETS_DIR = Path(__file__).resolve().parent
 STORAGE_ROOT_ENV = "FWP_STORAGE_ROOT"
@@ -38,7 +49,17 @@ def check_folder_name(value: str, what: str) -> str:
     return value
 
 
-class Section(BaseModel):
+class RedactedInJson(BaseModel):
+    """A model whose JSON form has its credentials redacted (a source URL's password, a token):
+    JSON is what Prefect records of a flow run's parameters, in its database and UI. The
+    Python values, which the code uses, keep them."""
+
+    @model_serializer(mode="wrap", when_used="json")
+    def _redacted(self, handler: SerializerFunctionWrapHandler) -> Any:
+        return redact(handler(self))
+
+
+class Section(RedactedInJson):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
@@ -276,12 +297,16 @@ def _overrides_of(section: type[Section]) -> type[BaseModel]:
         name: (info.annotation | None, FieldInfo.merge_field_infos(info, default=None))
         for name, info in section.model_fields.items()
     }
-    return create_model(f"{section.__name__}Overrides", __config__=ConfigDict(extra="forbid"), **fields)
+    return create_model(f"{section.__name__}Overrides", __base__=_Overrides, **fields)
+
+
+class _Overrides(RedactedInJson):
+    model_config = ConfigDict(extra="forbid")
 
 
 PipelineOverrides = create_model(
     "PipelineOverrides",
-    __config__=ConfigDict(extra="forbid"),
+    __base__=_Overrides,
     __doc__="Per-section config overrides, e.g. {'train': {'max_iters': 20000}}.",
     **{
         name: (_overrides_of(info.annotation) | None, None)

@@ -18,7 +18,7 @@ from typing import Any
 
 from prefect.runtime import flow_run
 
-from configs import PipelineConfig, load_config, nest_overrides, parse_overrides
+from configs import PipelineConfig, PipelineOverrides, load_config, nest_overrides, parse_overrides
 from configs.errors import TransientError, UserError
 from gpt.checkpoint import checkpoint_identity, read_state
 from storage.artifacts import ArtifactStore
@@ -92,7 +92,7 @@ def run_flow_cli(args: argparse.Namespace, run: Callable[[dict[str, Any]], dict[
         overrides = nest_overrides(parse_overrides(args.overrides))
         cfg = load_config(args.config, overrides)  # fail fast on a bad config or storage root, before Prefect starts
         ArtifactStore(cfg.storage.root).ensure_writable()
-        summary = run(overrides)
+        summary = run(PipelineOverrides.model_validate(overrides))  # recorded by Prefect with credentials redacted
     except (UserError, TransientError) as exc:
         stop_temporary_server()
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)

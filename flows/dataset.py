@@ -1,10 +1,15 @@
-"""The per-file work of a dataset, fanned out on the configured Prefect task runner.
+"""The dataset of a run — download, profile, tokenize — one task run per parquet file, fanned
+out on the configured Prefect task runner.
 
-`tokenize_dataset` is a subflow of fineweb-pretrain: one `tokenize-file` task run per parquet
-file (each cached by the file's content, name, config and code, so a rerun after a crash
-or a cancel redoes only unfinished files, and a file added to a glob is the only one
-tokenized), then one `tokenize` task that assembles them into the dataset the trainer reads.
-Which runner runs the files is `runner.kind` — speed only, never the bytes:
+`prepare_dataset` is a subflow of fineweb-pretrain. Each stage's per-file work is its own
+cached task run (`download-file`, `profile-file`, `tokenize-file`: cached by the file, the
+config slice that shapes it and the code, so a rerun after a crash or a cancel redoes only
+unfinished files, and a file added to a glob is the only one fetched and tokenized), then
+one task assembles the stage's artifact from them: the download (files hard-linked), the
+profile of the whole download (duplicates counted across files), the dataset the trainer
+reads (shards hard-linked, in file order). A stage whose assembled artifact exists is one
+cache hit, its files not visited. Which runner runs the files is `runner.kind` — speed only,
+never the bytes:
 
 - `local`: threads of the flow's process (`runner.workers`, default one per core);
 - `dask`: prefect-dask's DaskTaskRunner — a LocalCluster of `runner.workers` processes, or
@@ -22,14 +27,27 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow
+from prefect.futures import PrefectFuture
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from configs import DataConfig, RunnerConfig, TokenizeConfig
+from configs import DataConfig, ProfileConfig, RunnerConfig, TokenizeConfig
 from configs.errors import UserError
 from storage.artifacts import ArtifactStore
-from storage.versions import plan_tokenize_files, stage_code_version
-from tasks.common import ProgressArtifact, run_cached_stage
-from tasks.tokenize import FILE_STAGE, tokenize, tokenize_file
+from storage.versions import (
+    plan_download,
+    plan_download_file,
+    plan_profile,
+    plan_profile_files,
+    plan_tokenize,
+    plan_tokenize_files,
+    stage_code_version,
+)
+from tasks.common import ProgressArtifact, run_cached_stage, submit_cached_stage
+from tasks.download import download, download_file
+from tasks.profile import profile, profile_file
+from tasks.tokenize import tokenize, tokenize_file
+
+StageResult = tuple[dict[str, Any], bool]  # the stage artifact's ref, and whether it was a cache hit
 
 
 def task_runner(config: RunnerConfig) -> TaskRunner:
@@ -53,27 +71,81 @@ def task_runner(config: RunnerConfig) -> TaskRunner:
     return RayTaskRunner(address=config.address)
 
 
-@flow(name="tokenize-dataset", flow_run_name="tokenize {ui_name}")
-def tokenize_dataset(store: ArtifactStore, version: str, download_ref: dict[str, Any], data: DataConfig,
-                     config: TokenizeConfig, ui_name: str) -> tuple[dict[str, Any], bool]:
-    """Tokenize every file of the download (one task run each), then assemble the dataset;
-    returns its ref and whether it was a cache hit (the calling flow says so in its log)."""
-    files = store.manifest("download", download_ref["version"]).files
-    parquet = sorted((entry for entry in files if entry.path.endswith(".parquet")), key=lambda entry: entry.path)
-    progress = ProgressArtifact(f"tokenizing {len(parquet)} parquet file(s)")
-    keys = [Path(entry.path).name for entry in parquet]
-    versions = plan_tokenize_files([(key, entry.sha256) for key, entry in zip(keys, parquet)], data, config)
-    code = stage_code_version("tokenize")
-    submitted = []
-    for key, entry, file_version in zip(keys, parquet, versions):
-        fresh = not store.exists(FILE_STAGE, file_version)  # a deleted artifact is rebuilt, not trusted from the cache
-        future = tokenize_file.with_options(refresh_cache=fresh).submit(
-            store=store, version=file_version, file=str(Path(download_ref["path"]) / entry.path), file_key=key,
-            data=data, config=config, code=code)
-        submitted.append((key, future))
-    file_refs = []
-    for done, (key, future) in enumerate(submitted, start=1):
-        file_refs.append((key, future.result()))
-        progress.update(done, len(submitted))
-    return run_cached_stage(tokenize, store, version, quiet=True, download_ref=download_ref, file_refs=file_refs,
-                            config=config, ui_name=ui_name)
+@flow(name="dataset", flow_run_name="dataset {ui_name}", log_prints=True)
+def prepare_dataset(store: ArtifactStore, data: DataConfig, profile_config: ProfileConfig, tokenize_config: TokenizeConfig,
+                    ui_name: str, until: str | None = None) -> dict[str, StageResult]:
+    """download → profile → tokenize, each file a task run; stops after the stage `until`
+    names. Returns {stage: (ref, cache hit)} for the stages run."""
+    stages = {"download": download_dataset(store, data, ui_name)}
+    if until == "download":
+        return stages
+    raw = stages["download"][0]
+    parquet = sorted((entry for entry in store.manifest("download", raw["version"]).files if entry.path.endswith(".parquet")),
+                     key=lambda entry: entry.path)
+    files = [(Path(entry.path).name, entry.sha256) for entry in parquet]
+    profile_version = plan_profile(raw["version"], data, profile_config)
+    tokenize_version = plan_tokenize(raw["version"], data, tokenize_config)
+
+    def per_file(stage: str, file_task: Any, versions: list[str], config: Any) -> list[tuple[str, PrefectFuture]]:
+        code = stage_code_version(stage)  # read once for all the files
+        return [(key, submit_cached_stage(file_task, store, version, file=str(Path(raw["path"]) / "data" / key), file_key=key,
+                                          data=data, config=config, code=code))
+                for (key, _), version in zip(files, versions)]
+
+    # Both stages' files go to the runner before either is awaited, so they share its workers.
+    profiling = [] if store.exists("profile", profile_version) else per_file(
+        "profile", profile_file, plan_profile_files(files, data), profile_config)
+    tokenizing = [] if until == "profile" or store.exists("tokenize", tokenize_version) else per_file(
+        "tokenize", tokenize_file, plan_tokenize_files(files, data, tokenize_config), tokenize_config)
+    stages["profile"] = run_cached_stage(profile, store, profile_version, download_ref=raw,
+                                         file_refs=collect(profiling, f"profiling {len(files)} parquet file(s)"),
+                                         data=data, config=profile_config, ui_name=ui_name)
+    if until == "profile":
+        return stages
+    stages["tokenize"] = run_cached_stage(tokenize, store, tokenize_version, download_ref=raw,
+                                          file_refs=collect(tokenizing, f"tokenizing {len(files)} parquet file(s)"),
+                                          config=tokenize_config, ui_name=ui_name)
+    return stages
+
+
+def download_dataset(store: ArtifactStore, data: DataConfig, ui_name: str) -> StageResult:
+    """Every source copied by its own task run (all at once; one after another with
+    `data.max_rows`, as each file's share of the rows is what the files before it left),
+    then assembled into the download artifact."""
+    planned = plan_download(data, store.root)
+    refs: list[dict[str, Any]] = []
+    if not store.exists("download", planned.version):
+        code = stage_code_version("download")
+        sources = list(zip(planned.urls, planned.fingerprints, planned.names))
+
+        def submit(url: str, fingerprint: dict[str, Any], name: str, max_rows: int | None) -> PrefectFuture:
+            version = plan_download_file(fingerprint, name, max_rows, code)
+            return submit_cached_stage(download_file, store, version, url=url, fingerprint=fingerprint, name=name,
+                                       max_rows=max_rows, code=code)
+
+        progress = ProgressArtifact(f"downloading {len(sources)} file(s)")
+        if data.max_rows is None:
+            refs = [ref for _, ref in collect([(name, submit(url, fp, name, None)) for url, fp, name in sources], progress)]
+        else:
+            remaining = data.max_rows
+            for url, fingerprint, name in sources:
+                if remaining <= 0:
+                    break
+                refs.append(submit(url, fingerprint, name, remaining).result())
+                remaining -= refs[-1]["entry"]["rows"]
+                progress.update(data.max_rows - max(remaining, 0), data.max_rows)
+    return run_cached_stage(download, store, planned.version, file_refs=refs, fingerprints=planned.fingerprints,
+                            data=data, ui_name=ui_name)
+
+
+def collect(futures: list[tuple[str, PrefectFuture]], progress: ProgressArtifact | str) -> list[tuple[str, dict[str, Any]]]:
+    """(file key, result) of each future, in the order given; the progress artifact counts files done."""
+    if isinstance(progress, str):
+        if not futures:
+            return []
+        progress = ProgressArtifact(progress)
+    results = []
+    for done, (key, future) in enumerate(futures, start=1):
+        results.append((key, future.result()))
+        progress.update(done, len(futures))
+    return results

@@ -20,12 +20,8 @@ from prefect import flow
 from configs import PipelineConfig, PipelineOverrides, describe, load_config
 from configs.errors import UserError
 from flows.common import config_arguments, flow_run_name, hellaswag_artifact, run_flow_cli, score_checkpoint
-from flows.dataset import task_runner, tokenize_dataset
+from flows.dataset import prepare_dataset, task_runner
 from storage.artifacts import ArtifactStore
-from storage.versions import plan_download, plan_profile, plan_tokenize
-from tasks.common import announce_cache_hit, run_cached_stage
-from tasks.download import download
-from tasks.profile import profile
 from tasks.train import checkpointed_iteration, train
 
 Stage = Literal["download", "profile", "tokenize", "hellaswag", "train", "evaluate", "sample"]
@@ -70,24 +66,12 @@ def run_pipeline(cfg: PipelineConfig, until: Stage | None = None, continue_run: 
         summary["stages"][stage] = {"version": ref.get("version"), "path": ref.get("path"), "cache_hit": cache_hit}
         return until == stage
 
-    planned = plan_download(cfg.data, store.root)
-    raw, hit = run_cached_stage(download, store, planned.version, urls=planned.urls, fingerprints=planned.fingerprints,
-                                data=cfg.data, ui_name=ui)
-    if record("download", raw, hit):
-        return summary
-
-    profiled, hit = run_cached_stage(profile, store, plan_profile(raw["version"], cfg.data, cfg.profile),
-                                     download_ref=raw, data=cfg.data, config=cfg.profile, ui_name=ui)
-    if record("profile", profiled, hit):
-        return summary
-
-    tokenize_version = plan_tokenize(raw["version"], cfg.data, cfg.tokenize)
-    shards, hit = tokenize_dataset.with_options(task_runner=task_runner(cfg.runner))(
-        store=store, version=tokenize_version, download_ref=raw, data=cfg.data, config=cfg.tokenize, ui_name=ui)
-    if hit:
-        announce_cache_hit(store, "tokenize", tokenize_version)
-    if record("tokenize", shards, hit):
-        return summary
+    dataset = prepare_dataset.with_options(task_runner=task_runner(cfg.runner))(
+        store=store, data=cfg.data, profile_config=cfg.profile, tokenize_config=cfg.tokenize, ui_name=ui, until=until)
+    for stage, (ref, hit) in dataset.items():
+        if record(stage, ref, hit):
+            return summary
+    shards = dataset["tokenize"][0]
 
     hellaswag_ref, hit = hellaswag_artifact(cfg, store)
     if hellaswag_ref is not None:

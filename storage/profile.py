@@ -1,18 +1,28 @@
-"""Profile parquet documents with DuckDB: one SQL statement, one streaming pass over the files.
+"""Profile parquet documents with DuckDB, one file at a time, then all of them together.
 
-`profile_parquet` reads only the columns it needs into a materialized per-document row
-(lengths, a hash of the text, the URL's domain, FineWeb's metadata columns) and computes
-every statistic from it: sizes and length quantiles, empty, short and exactly duplicated
-documents, nulls per column, and — when the columns exist — languages, language scores,
-FineWeb's GPT-2 token counts, dumps, dates and the top URL domains. `profile_markdown` and
-`histogram_svg` turn the result into something a person reads in the Prefect UI.
+Two steps, so a dump of hundreds of files is profiled one cached task per file and merged:
+
+- `document_table` reads one parquet file once and writes its *document table*: one small
+  row per document (lengths, a hash of the text, the URL's domain, FineWeb's metadata
+  columns, a null flag per source column), a few percent of the text's size.
+- `profile_documents` computes every statistic from the document tables of all files:
+  sizes and length quantiles, empty, short and exactly duplicated documents (across files
+  too: the text hashes are compared over all tables), nulls per column, and — when the
+  columns exist — languages, language scores, FineWeb's GPT-2 token counts, dumps, dates
+  and the top URL domains. The result is exact, whatever the number of files.
+
+`profile_parquet` does both in one call. `profile_markdown` and `histogram_svg` turn the
+result into something a person reads in the Prefect UI.
 """
 
 from __future__ import annotations
 
 import html
 import os
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +31,9 @@ import duckdb
 from configs.errors import UserError
 from storage.fs import filesystem, local_path, protocol_of
 from storage.markdown import human_bytes, markdown_table
+
+FILES_SHOWN = 100  # rows of the per-file table in the markdown report
+NULL_FLAG = "null:"  # a document table's column `null:<c>` says whether source column c was null
 
 
 class ProfileError(UserError):
@@ -42,10 +55,71 @@ def profile_parquet(
     spill beyond it."""
     if not files:
         raise ProfileError("no parquet files to profile; check data.source")
-    urls = [str(file) for file in files]
-    named = _name_files(urls)
-    settings = {"memory_limit": memory_limit, "temp_directory": str(spill_directory) if spill_directory else None}
     started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="document-tables-") as folder:
+        tables = [Path(folder) / f"{index}.parquet" for index in range(len(files))]
+        for file, table in zip(files, tables):
+            document_table(file, table, text_column, memory_limit, spill_directory)
+        report = profile_documents(tables, files, text_column, short_doc_chars, top_domains, memory_limit, spill_directory)
+    report["seconds"] = round(time.perf_counter() - started, 3)
+    return report
+
+
+def document_table(file: str | Path, out: str | Path, text_column: str = "text", memory_limit: str | None = None,
+                   spill_directory: str | Path | None = None) -> int:
+    """Read one parquet file once and write its document table to `out` (parquet); returns the
+    number of documents. A file without the text column, or not parquet, is a ProfileError."""
+    url = str(file)
+    with _duckdb(memory_limit, spill_directory, [url], what=url) as con:
+        path = url if protocol_of(url) != "file" else local_path(url)
+        source = "read_parquet($file, utf8_validation = 'replace')"
+        try:
+            columns = dict(con.execute(f"SELECT column_name, column_type FROM (DESCRIBE SELECT * FROM {source})", {"file": path}).fetchall())
+        except duckdb.Error as exc:
+            raise ProfileError(f"cannot read {url} as parquet ({str(exc).splitlines()[0]}); re-run the download stage") from None
+        if columns.get(text_column) != "VARCHAR":
+            found = f"is {columns[text_column]}, not text" if text_column in columns else "is missing"
+            raise ProfileError(
+                f"column {text_column!r} {found} in {url} (columns: {', '.join(columns)}); "
+                "name the text column with --set data.text_column=..."
+            )
+        select = f"SELECT {', '.join(_per_document(columns, text_column))} FROM {source}"
+        _run(con, f"COPY ({select}) TO $out (FORMAT parquet, COMPRESSION zstd)", {"file": path, "out": str(out)}, url, memory_limit)
+        return con.execute("SELECT count(*) FROM read_parquet($out)", {"out": str(out)}).fetchone()[0]
+
+
+def profile_documents(
+    tables: list[str | Path],
+    files: list[str | Path],
+    text_column: str = "text",
+    short_doc_chars: int = 200,
+    top_domains: int = 20,
+    memory_limit: str | None = None,
+    spill_directory: str | Path | None = None,
+) -> dict[str, Any]:
+    """The statistics of `files` from their document tables (written by `document_table`)."""
+    if not tables:
+        raise ProfileError("no parquet files to profile; check data.source")
+    urls = [str(file) for file in files]
+    started = time.perf_counter()
+    with _duckdb(memory_limit, spill_directory, [], what=_name_files(urls)) as con:
+        tables = [str(table) for table in tables]
+        source = "read_parquet($tables, union_by_name = true, filename = true)"
+        types = dict(con.execute(f"SELECT column_name, column_type FROM (DESCRIBE SELECT * FROM {source})", {"tables": tables}).fetchall())
+        columns = {name[len(NULL_FLAG):]: types.get(name[len(NULL_FLAG):], "") for name in types if name.startswith(NULL_FLAG)}
+        sections = _sections(columns, short_doc_chars, top_domains)
+        row = _run(con, _profile_sql(source, types, sections), {"tables": tables}, _name_files(urls), memory_limit).fetchone()
+    results = dict(zip([name for name, _ in sections], row))
+    file_of_table = {Path(table).as_posix(): url for table, url in zip(tables, urls)}
+    per_file = [{"file": file_of_table[Path(entry.pop("table")).as_posix()], **entry} for entry in results["per_file"] or []]
+    results["per_file"] = sorted(per_file, key=lambda entry: urls.index(entry["file"]))
+    return _assemble(results, urls, text_column, short_doc_chars, time.perf_counter() - started)
+
+
+@contextmanager
+def _duckdb(memory_limit: str | None, spill_directory: str | Path | None, urls: list[str], what: str) -> Iterator[duckdb.DuckDBPyConnection]:
+    """A DuckDB connection with the memory cap and spill folder, reading `urls` through fsspec where they are not local."""
+    settings = {"memory_limit": memory_limit, "temp_directory": str(spill_directory) if spill_directory else None}
     try:
         con = duckdb.connect(config={key: value for key, value in settings.items() if value is not None})
     except duckdb.Error as exc:
@@ -56,30 +130,20 @@ def profile_parquet(
         for url in urls:
             if protocol_of(url) != "file":  # DuckDB reads other URLs through fsspec
                 con.register_filesystem(filesystem(url)[0])
-        paths = [url if protocol_of(url) != "file" else local_path(url) for url in urls]
-        source = "read_parquet($files, union_by_name = true, utf8_validation = 'replace')"
-        try:
-            columns = dict(con.execute(f"SELECT column_name, column_type FROM (DESCRIBE SELECT * FROM {source})", {"files": paths}).fetchall())
-        except duckdb.Error as exc:
-            raise ProfileError(f"cannot read {named} as parquet ({str(exc).splitlines()[0]}); re-run the download stage") from None
-        if columns.get(text_column) != "VARCHAR":
-            found = f"is {columns[text_column]}, not text" if text_column in columns else "is missing"
-            raise ProfileError(
-                f"column {text_column!r} {found} in {named} (columns: {', '.join(columns)}); "
-                "name the text column with --set data.text_column=..."
-            )
-        sections = _sections(columns, short_doc_chars, top_domains)
-        try:
-            row = con.execute(_profile_sql(source, columns, text_column, sections), {"files": paths}).fetchone()
-        except duckdb.OutOfMemoryException as exc:
-            raise ProfileError(
-                f"DuckDB ran out of memory profiling {named} ({str(exc).splitlines()[0]}); "
-                f"raise --set profile.memory_limit=... (now {memory_limit or 'DuckDB default'})"
-            ) from None
-        except duckdb.Error as exc:
-            raise ProfileError(f"DuckDB could not profile {named}: {str(exc).splitlines()[0]}") from None
-    results = dict(zip([name for name, _ in sections], row))
-    return _assemble(results, urls, text_column, short_doc_chars, time.perf_counter() - started)
+        yield con
+
+
+def _run(con: duckdb.DuckDBPyConnection, sql: str, parameters: dict[str, Any], what: str, memory_limit: str | None) -> duckdb.DuckDBPyConnection:
+    """Execute, turning DuckDB's errors into one-line ProfileErrors that name the files and the fix."""
+    try:
+        return con.execute(sql, parameters)
+    except duckdb.OutOfMemoryException as exc:
+        raise ProfileError(
+            f"DuckDB ran out of memory profiling {what} ({str(exc).splitlines()[0]}); "
+            f"raise --set profile.memory_limit=... (now {memory_limit or 'DuckDB default'})"
+        ) from None
+    except duckdb.Error as exc:
+        raise ProfileError(f"DuckDB could not profile {what}: {str(exc).splitlines()[0]}") from None
 
 
 def _name_files(urls: list[str]) -> str:
@@ -98,10 +162,27 @@ def _bucket(expr: str) -> str:
     return f"CASE WHEN {expr} <= 0 THEN 0 ELSE CAST(floor(log2({expr})) AS INTEGER) + 1 END"
 
 
+def _per_document(columns: dict[str, str], text_column: str) -> list[str]:
+    """The document table's columns, as SQL over one source file with `columns`."""
+    text = _quote(text_column)
+    per_document = [
+        f"length({text}) AS chars",
+        f"strlen({text}) AS utf8_bytes",
+        f"CASE WHEN {text} <> '' THEN hash({text}) END AS text_hash",  # 64-bit: collisions negligible
+        *(f"{_quote(c)} IS NULL AS {_quote(NULL_FLAG + c)}" for c in columns),
+    ]
+    if "url" in columns:  # FineWeb sometimes writes <http://…>; the domain is the host, lowercased
+        per_document.append(
+            "lower(regexp_extract(trim(url, '<> '), '^[A-Za-z][A-Za-z0-9+.-]*://(?:[^/@]*@)?([^/:?#]+)', 1)) AS domain"
+        )
+    per_document += [c for c in ("language", "language_score", "token_count", "dump", "date") if c in columns]
+    return per_document
+
+
 def _sections(columns: dict[str, str], short_doc_chars: int, top_domains: int) -> list[tuple[str, str]]:
     """(name, SQL subquery over `docs`) for each statistic that the columns present allow."""
     q = "quantile_disc"
-    nulls = ", ".join(f"{_quote(c)}: count(*) FILTER (WHERE {_quote('null:' + c)})" for c in columns)
+    nulls = ", ".join(f"{_quote(c)}: count(*) FILTER (WHERE {_quote(NULL_FLAG + c)})" for c in columns)
     sections = [
         ("totals", f"""SELECT {{
             'rows': count(*),
@@ -117,6 +198,12 @@ def _sections(columns: dict[str, str], short_doc_chars: int, top_domains: int) -
             'chars_histogram': histogram({_bucket('chars')}) FILTER (WHERE chars IS NOT NULL)
         }} FROM docs"""),
         ("null_counts", f"SELECT {{{nulls}}} FROM docs"),
+        ("per_file", f"""SELECT list({{'table': filename, 'rows': rows, 'empty': empty, 'short': short,
+                                          'chars_total': chars_total, 'duplicates': duplicates}} ORDER BY filename) FROM (
+            SELECT filename, count(*) AS rows, count(*) FILTER (WHERE chars = 0) AS empty,
+                   count(*) FILTER (WHERE chars > 0 AND chars < {short_doc_chars}) AS short,
+                   coalesce(sum(chars), 0) AS chars_total, count(text_hash) - count(DISTINCT text_hash) AS duplicates
+            FROM docs GROUP BY filename)"""),  # duplicates within each file; the totals count them across files too
     ]
     if "language" in columns:
         sections.append(("language", "SELECT histogram(language) FROM docs"))
@@ -137,23 +224,14 @@ def _sections(columns: dict[str, str], short_doc_chars: int, top_domains: int) -
     return sections
 
 
-def _profile_sql(source: str, columns: dict[str, str], text_column: str, sections: list[tuple[str, str]]) -> str:
-    """`WITH docs AS MATERIALIZED (one row per document) SELECT (section 1), (section 2), …`:
-    the files are read once, and each section aggregates the small per-document rows."""
-    text = _quote(text_column)
-    per_document = [
-        f"length({text}) AS chars",
-        f"strlen({text}) AS utf8_bytes",
-        f"CASE WHEN {text} <> '' THEN hash({text}) END AS text_hash",  # 64-bit: collisions negligible
-        *(f"{_quote(c)} IS NULL AS {_quote('null:' + c)}" for c in columns),
-    ]
-    if "url" in columns:  # FineWeb sometimes writes <http://…>; the domain is the host, lowercased
-        per_document.append(
-            "lower(regexp_extract(trim(url, '<> '), '^[A-Za-z][A-Za-z0-9+.-]*://(?:[^/@]*@)?([^/:?#]+)', 1)) AS domain"
-        )
-    per_document += [c for c in ("language", "language_score", "token_count", "dump", "date") if c in columns]
+def _profile_sql(source: str, types: dict[str, str], sections: list[tuple[str, str]]) -> str:
+    """`WITH docs AS MATERIALIZED (the document tables) SELECT (section 1), (section 2), …`: the
+    tables are read once, and each section aggregates their rows. A source column missing from
+    some files (`types`: the tables' columns) was null in every row of those."""
+    columns = [f"coalesce({_quote(name)}, true) AS {_quote(name)}" if name.startswith(NULL_FLAG) else _quote(name)
+               for name in types]  # `filename` among them: the table a row came from
     subqueries = ",\n".join(f"({sql}) AS {name}" for name, sql in sections)
-    return f"WITH docs AS MATERIALIZED (SELECT {', '.join(per_document)} FROM {source})\nSELECT {subqueries}"
+    return f"WITH docs AS MATERIALIZED (SELECT {', '.join(columns)} FROM {source})\nSELECT {subqueries}"
 
 
 def _quantiles(values: list[Any] | None) -> dict[str, Any]:
@@ -194,6 +272,7 @@ def _assemble(sections: dict[str, Any], urls: list[str], text_column: str, short
         },
         "duplicates": {"documents": totals["duplicates"], "share": totals["duplicates"] / rows if rows else 0.0},
         "null_counts": sections["null_counts"],
+        "per_file": [{**entry, "bytes": file_bytes[entry["file"]]} for entry in sections["per_file"]],
         "histograms": {"text_chars": log2_histogram(totals["chars_histogram"])},
     }
     if "language" in sections:
@@ -274,6 +353,12 @@ def profile_markdown(profile: dict[str, Any]) -> str:
     nulls = [{"column": column, "nulls": share(count)} for column, count in profile["null_counts"].items() if count]
     if nulls:
         parts += ["## Null values", markdown_table(nulls)]
+    if len(profile.get("per_file", [])) > 1:
+        shown = profile["per_file"][:FILES_SHOWN]
+        files = [{"file": Path(entry["file"]).name, "documents": f"{entry['rows']:,}", "bytes on disk": human_bytes(entry["bytes"]),
+                  "short": f"{entry['short']:,}", "duplicates within the file": f"{entry['duplicates']:,}"} for entry in shown]
+        more = len(profile["per_file"]) - len(shown)
+        parts += ["## Files", markdown_table(files) + (f"\n\n_and {more} more files (profile.json has them all)._" if more else "")]
     for key, title in (("language", "Languages"), ("dumps", "Dumps")):
         if profile.get(key):
             counts = list(profile[key].items())[:20]

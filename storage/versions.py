@@ -30,6 +30,7 @@ from configs.schema import DataConfig, EvalConfig, ProfileConfig, SampleConfig, 
 from configs.secrets import redact
 from storage.artifacts import PROJECT_ROOT, ArtifactStore, stable_hash
 from storage.demo_corpus import resolve_demo_source
+from storage.download import local_names
 from storage.fs import SourceError, SourceUnreachable, expand_sources, retrying, source_fingerprint
 
 PROJECT_PACKAGES = ("configs", "flows", "gpt", "storage", "tasks")
@@ -153,6 +154,7 @@ class DownloadPlan:
     version: str
     urls: list[str]
     fingerprints: list[dict[str, Any]]
+    names: list[str]  # each file's name in the store (storage.download.local_names)
 
 
 def plan_download(data: DataConfig, storage_root: str | os.PathLike) -> DownloadPlan:
@@ -161,7 +163,13 @@ def plan_download(data: DataConfig, storage_root: str | os.PathLike) -> Download
     fingerprints = [retrying(lambda url=url: source_fingerprint(url)) for url in urls]
     version = stable_hash({"sources": redact(fingerprints), "max_rows": data.max_rows,
                            "code": stage_code_version("download")})  # credentials do not name the data
-    return DownloadPlan(version=version, urls=urls, fingerprints=fingerprints)
+    return DownloadPlan(version=version, urls=urls, fingerprints=fingerprints, names=local_names(urls))
+
+
+def plan_download_file(fingerprint: dict[str, Any], name: str, max_rows: int | None, code: str) -> str:
+    """The version of one source file's copy: its fingerprint, its name in the store, the rows
+    it may hold (what data.max_rows leaves for it after the files before it), and the code."""
+    return stable_hash({"source": redact(fingerprint), "name": name, "max_rows": max_rows, "code": code})
 
 
 def plan_hellaswag(source: str, storage_root: str | os.PathLike) -> DownloadPlan:
@@ -188,6 +196,13 @@ def plan_profile(download_version: str, data: DataConfig, profile: ProfileConfig
     return stable_hash({"download": download_version, "text_column": data.text_column,
                         "profile": profile.model_dump(exclude={"memory_limit"}),  # how, not what: same report
                         "code": stage_code_version("profile")})
+
+
+def plan_profile_files(files: list[tuple[str, str]], data: DataConfig) -> list[str]:
+    """The version of each parquet file's document table, for `files` as (file key, sha256);
+    the profile settings shape only the statistics drawn from the tables, not the tables."""
+    code = stage_code_version("profile")
+    return [stable_hash({"file": sha256, "key": key, "text_column": data.text_column, "code": code}) for key, sha256 in files]
 
 
 def plan_tokenize_files(files: list[tuple[str, str]], data: DataConfig, tokenize: TokenizeConfig) -> list[str]:

@@ -1,4 +1,4 @@
-"""What every stage task shares: the cache key, the retry condition, running a task with its cache state, UI keys.
+"""What every stage task shares: the cache key, the retry condition, running or submitting a task with its cache state, UI keys.
 
 A stage's Prefect cache key is its artifact version plus the storage root, so the same
 inputs give a `Cached` task run. When the artifact folder is gone (deleted by hand, or a
@@ -13,6 +13,7 @@ from typing import Any
 
 from prefect import Task
 from prefect.context import TaskRunContext
+from prefect.futures import PrefectFuture
 
 from configs.errors import is_transient, is_user_error
 from storage.artifacts import ArtifactStore, stable_hash
@@ -33,6 +34,12 @@ def run_cached_stage(task: Task, store: ArtifactStore, version: str, quiet: bool
     if state.name == "Cached" and not quiet:
         announce_cache_hit(store, task.name, version)
     return result, state.name == "Cached"
+
+
+def submit_cached_stage(task: Task, store: ArtifactStore, version: str, **parameters: Any) -> PrefectFuture:
+    """Submit a stage task to the flow's task runner, with the same cache rule as run_cached_stage."""
+    fresh = not store.exists(task.name, version)
+    return task.with_options(refresh_cache=fresh).submit(store=store, version=version, **parameters)
 
 
 def announce_cache_hit(store: ArtifactStore, stage: str, version: str) -> None:

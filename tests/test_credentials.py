@@ -82,10 +82,13 @@ def test_no_secret_reaches_the_store_the_output_or_the_prefect_api(prefect_serve
     written = {path: path.read_bytes() for path in root.rglob("*") if path.is_file()}
     assert any(path.name == "state.json" for path in written)  # checkpoints are among what is searched
     [flow_run] = _api(prefect_server, "/flow_runs/filter", {"flow_runs": {"name": {"any_": ["demo/credentials"]}}})
-    logs = _api(prefect_server, "/logs/filter", {"logs": {"flow_run_id": {"any_": [flow_run["id"]]}}})
-    artifacts = _api(prefect_server, "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [flow_run["id"]]}}})
+    subflows = _api(prefect_server, "/flow_runs/filter", {"flow_runs": {"parent_flow_run_id": {"operator": "and_", "any_": [flow_run["id"]]}}})
+    assert [run["name"] for run in subflows] == ["dataset credentials"]
+    ids = [flow_run["id"]] + [run["id"] for run in subflows]
+    logs = _api(prefect_server, "/logs/filter", {"logs": {"flow_run_id": {"any_": ids}}})
+    artifacts = _api(prefect_server, "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": ids}}})
     assert len(logs) > 20 and {"credentials-download", "credentials-model-card"} <= {a["key"] for a in artifacts}
-    api_text = json.dumps(logs) + json.dumps(artifacts)
+    api_text = json.dumps(logs) + json.dumps(artifacts) + json.dumps([flow_run, *subflows])  # parameters included
     for secret in SECRETS:
         assert [str(path) for path, data in written.items() if secret.encode() in data] == []
         assert secret not in process.stdout + process.stderr

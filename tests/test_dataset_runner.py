@@ -1,9 +1,11 @@
-"""Per-file tokenizing on a real task runner: one cached task run per parquet file, the same
-shards from the local runner and a Dask LocalCluster of two worker processes, and reruns
-that redo only the files a crash left unfinished, or a file new to the glob."""
+"""Per-file work on a real task runner: one cached task run per parquet file and stage
+(download, profile, tokenize), the same shards and profile from the local runner and a Dask
+LocalCluster of two worker processes, and reruns that redo only the files a crash left
+unfinished, or a file new to the glob."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -44,13 +46,19 @@ def shard_bytes(summary: dict) -> dict[str, bytes]:
     return {path.name: path.read_bytes() for path in sorted(folder.glob("*.bin"))}
 
 
-def file_task_states(prefect_server, run: str) -> list[str]:
-    """States of the per-file task runs in the newest `tokenize <run>` subflow run."""
+def file_task_states(prefect_server, run: str, verb: str = "tokenize") -> list[str]:
+    """States of the per-file task runs (`<verb> <file>.parquet`: download, profile or tokenize)
+    in the newest `dataset <run>` subflow run."""
     api = prefect_server.api_url
-    [subflow] = httpx.post(f"{api}/flow_runs/filter", json={"flow_runs": {"name": {"any_": [f"tokenize {run}"]}},
+    [subflow] = httpx.post(f"{api}/flow_runs/filter", json={"flow_runs": {"name": {"any_": [f"dataset {run}"]}},
                                                            "sort": "EXPECTED_START_TIME_DESC", "limit": 1}).json()
     runs = httpx.post(f"{api}/task_runs/filter", json={"task_runs": {"flow_run_id": {"any_": [subflow["id"]]}}}).json()
-    return sorted(r["state_name"] for r in runs if r["name"].startswith("tokenize ") and r["name"].endswith(".parquet"))
+    return sorted(r["state_name"] for r in runs if r["name"].startswith(f"{verb} ") and r["name"].endswith(".parquet"))
+
+
+def profile_report(summary: dict) -> dict:
+    report = json.loads((Path(summary["stages"]["profile"]["path"]) / "profile.json").read_text())
+    return {**report, "seconds": None, "file_bytes": None, "per_file": [{**f, "file": Path(f["file"]).name} for f in report["per_file"]]}
 
 
 def test_dask_cluster_of_two_workers_writes_the_local_runners_shards(prefect_server, parquet_folder, tmp_path):
@@ -63,7 +71,10 @@ def test_dask_cluster_of_two_workers_writes_the_local_runners_shards(prefect_ser
                                           env, timeout=600)
     assert dask.returncode == 0, dask.stderr[-3000:]
     assert "LocalCluster" in dask.stdout + dask.stderr  # prefect-dask started the cluster the files ran on
-    assert file_task_states(prefect_server, "dask") == ["Completed"] * FILES
+    for verb in ("download", "profile", "tokenize"):
+        assert file_task_states(prefect_server, "dask", verb) == ["Completed"] * FILES, verb
+    assert profile_report(dask_summary) == profile_report(local_summary)
+    assert profile_report(dask_summary)["rows"] == sum(f["rows"] for f in profile_report(dask_summary)["per_file"]) > 0
     assert dask_summary["stages"]["tokenize"]["version"] == local_summary["stages"]["tokenize"]["version"]
     local_shards, dask_shards = shard_bytes(local_summary), shard_bytes(dask_summary)
     assert len(local_shards) == 2 * FILES and local_shards == dask_shards  # a train and a val shard per file, same bytes
@@ -83,6 +94,8 @@ def test_a_killed_run_redoes_only_unfinished_files_and_a_new_file_is_the_only_on
     rerun, summary = run_pipeline_cli(args, env, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert file_task_states(prefect_server, "crash") == ["Cached"] * 3 + ["Completed"] * 3
+    assert summary["stages"]["download"]["cache_hit"] and summary["stages"]["profile"]["cache_hit"]
+    assert file_task_states(prefect_server, "crash", "download") == file_task_states(prefect_server, "crash", "profile") == []
 
     os.link(next(parquet_folder.parent.glob("aside*/000_00006.parquet")), parquet_folder / "000_00006.parquet")
     try:
@@ -90,7 +103,10 @@ def test_a_killed_run_redoes_only_unfinished_files_and_a_new_file_is_the_only_on
     finally:
         (parquet_folder / "000_00006.parquet").unlink()
     assert grown.returncode == 0, grown.stderr[-3000:]
-    assert file_task_states(prefect_server, "crash") == ["Cached"] * FILES + ["Completed"]
+    for verb in ("download", "profile", "tokenize"):  # only the new file is fetched, profiled and tokenized
+        assert file_task_states(prefect_server, "crash", verb) == ["Cached"] * FILES + ["Completed"], verb
+    grown_profile = profile_report(grown_summary)
+    assert grown_profile["files"] == FILES + 1 and grown_profile["rows"] == profile_report(summary)["rows"] + grown_profile["per_file"][-1]["rows"]
     before, after = shard_bytes(summary), shard_bytes(grown_summary)
     assert all(after[name] == data for name, data in before.items() if name.startswith("train"))  # the old files' tokens, in place
 

@@ -83,7 +83,7 @@ def test_a_source_that_keeps_failing_is_retried_by_the_downloader_only(prepared,
     last = process.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: DownloadFailed: {url}: still failing after 5 attempts") and "run again later" in last
     assert sum(method == "GET" for method, *_ in server.log) == 5  # the downloader's five attempts, nothing on top
-    download = task_runs(prefect_server, "demo/flaky")["download"]
+    download = task_runs(prefect_server, "dataset flaky")["download flaky.parquet"]  # the file's own task run
     assert download["state_type"] == "FAILED" and download["run_count"] == 1
 
 
@@ -165,7 +165,7 @@ def test_a_crashed_tokenizer_is_retried_by_prefect(prepared, prefect_server):
                                                              *(f"--set={s}" for s in settings)], prepared)
     assert process.returncode == 0, process.stderr[-3000:]
     assert "TokenizerCrashed" in process.stderr + process.stdout
-    tokenize_file = task_runs(prefect_server, "tokenize tokenizer-crash")["tokenize demo_corpus_python_docs.parquet"]
+    tokenize_file = task_runs(prefect_server, "dataset tokenizer-crash")["tokenize demo_corpus_python_docs.parquet"]
     assert tokenize_file["state_type"] == "COMPLETED" and tokenize_file["run_count"] == 2
 
 

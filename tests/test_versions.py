@@ -133,3 +133,23 @@ def test_speed_only_settings_do_not_change_versions():
     assert plan_evaluate("c", "t", "h", faster.eval) == plan_evaluate("c", "t", "h", config.eval)
     assert plan_tokenize("d", config.data, load_config("demo", ["tokenize.val_fraction=0.1"]).tokenize) != (
         plan_tokenize("d", config.data, config.tokenize))
+
+
+def test_per_file_versions_name_the_file_and_only_what_shapes_its_artifact():
+    from storage.versions import plan_download_file, plan_profile_files
+
+    fingerprint = {"url": "https://user:secret@host/a.parquet", "size": 10, "etag": "e1"}
+    version = plan_download_file(fingerprint, "a.parquet", None, "code")
+    assert version == plan_download_file({**fingerprint, "url": "https://user:other@host/a.parquet"}, "a.parquet", None, "code")
+    for changed in (plan_download_file({**fingerprint, "etag": "e2"}, "a.parquet", None, "code"),
+                    plan_download_file(fingerprint, "b.parquet", None, "code"),
+                    plan_download_file(fingerprint, "a.parquet", 1000, "code"),
+                    plan_download_file(fingerprint, "a.parquet", None, "edited")):
+        assert changed != version
+    config = load_config("demo")
+    files = [("a.parquet", "sha-a"), ("b.parquet", "sha-b")]
+    [a, b] = plan_profile_files(files, config.data)
+    assert a != b and plan_profile_files(files[:1], config.data) == [a]  # one file's version does not hang on the others
+    other_settings = load_config("demo", ["profile.short_doc_chars=5", "profile.top_domains=3"])
+    assert plan_profile_files(files, other_settings.data) == [a, b]  # the statistics' settings act on the merge only
+    assert plan_profile_files(files, load_config("demo", ["data.text_column=body"]).data) != [a, b]
