@@ -2,19 +2,26 @@
 in helper processes that run this file, with the pipe protocol between them and the pool that
 shares the batches out.
 
+An encoder runs one of two engines, named by an engine spec (gpt/tokenize_engine.py builds and
+checks it): `{"engine": "tiktoken", "arguments": tiktoken.Encoding's keyword arguments}` or
+`{"engine": "fastokens", "tokenizer_json": GPT-2 as a tokenizer.json}`. Both give GPT-2's ids
+with "<|endoftext|>" in a text as ordinary text; each encoder uses one core.
+
 A helper runs this file as a script (`python -P gpt/tokenize_worker.py`), so this module imports
-only tiktoken and the standard library (no numpy, pyarrow, project package, or the caller's
-`__main__`, which a Prefect run would be) and a helper is ready in ~0.1 s. The parent sends the
-encoding's arguments once (the vocabulary files are read and checked once, by the parent), then
-batches; the helper answers each batch in order and exits at the end of its input.
+only the standard library and the engine (no numpy, pyarrow, project package, or the caller's
+`__main__`, which a Prefect run would be) and a helper starts in ~0.1 s, plus the engine's own
+start (~0.03 s for tiktoken, ~0.3 s for fastokens). The parent sends the engine spec once (the
+vocabulary files are read and checked once, by the parent), then batches; the helper answers
+each batch in order and exits at the end of its input.
 
 Frames, native byte order (parent and helper are the same machine):
 
-    parent → helper   once:       u64 size, pickle of the tiktoken.Encoding keyword arguments
+    parent → helper   once:       u64 size, pickle of the engine spec
                       per batch:  u64 n, u64 data size, n × i64 start, n × i64 end, data
-    helper → parent   per batch:  u64 n, u64 tokens, n × u32 tokens per text (EOT not counted),
+    helper → parent   once:       u64 READY, when its engine is built (it takes no batch before)
+                      per batch:  u64 n, u64 tokens, n × u32 tokens per text,
                                   n × i64 UTF-8 bytes per text (after repair), n × u8 invalid-UTF-8 flag,
-                                  tokens × u32: EOT, text 0, EOT, text 1, …
+                                  tokens × u32: text 0, text 1, … (no EOT: the parent adds it)
 
 The pickle comes from the parent that started the helper, over its own pipe.
 """
@@ -22,6 +29,7 @@ The pickle comes from the parent that started the helper, over its own pipe.
 from __future__ import annotations
 
 import contextlib
+import os
 import pickle
 import queue
 import struct
@@ -35,14 +43,14 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from typing import Any, NamedTuple, Protocol, TypeVar
 
-import tiktoken
-
-EOT_TEXT = "<|endoftext|>"  # its id comes with the encoding's arguments
 JOBS_IN_FLIGHT_PER_WORKER = 4  # bounds memory; enough that a slow job at the head does not idle the others
+ONE_CORE_ENV = {"FASTOKENS_BPE_THREADS": "1", "RAYON_NUM_THREADS": "1"}  # a helper is one core: the engine spawns no threads of its own
 _HEADER = struct.Struct("=QQ")
 _SIZE = struct.Struct("=Q")
+READY = 0x5245414459  # a helper's first answer: its engine is built
 
 Result = TypeVar("Result")
+EncodeBatch = Callable[[list[str]], tuple[Any, Any]]  # texts → (u32 tokens of all texts, concatenated; u32 tokens per text)
 
 
 class Batch(Protocol):
@@ -56,10 +64,10 @@ class Batch(Protocol):
 class Encoded(NamedTuple):
     """An encoder's answer for one batch of n texts, as buffers (numpy reads them without a copy)."""
 
-    lengths: Any  # n × u32: tokens per text, EOT not counted
+    lengths: Any  # n × u32: tokens per text
     sizes: Any  # n × i64: UTF-8 bytes per text, after repair
     invalid: Any  # n × u8: 1 where the text was not valid UTF-8
-    tokens: Any  # u32: EOT, text 0, EOT, text 1, …
+    tokens: Any  # u32: text 0, text 1, … (no EOT)
 
 
 class EncoderFailed(Exception):
@@ -71,13 +79,15 @@ class EncoderFailed(Exception):
 # ---------------------------------------------------------------------------------------
 
 
-def new_encoding(arguments: dict[str, Any]) -> tiktoken.Encoding:
+def new_encoding(arguments: dict[str, Any]) -> Any:
     """A fresh tiktoken.Encoding (its own regex caches: tiktoken's regex runs ~1.5× slower on
     a thread other than the first one to use an encoding, so each encoding thread builds its own)."""
+    import tiktoken  # here, not at the top: a fastokens helper never loads it
+
     return tiktoken.Encoding(**arguments)
 
 
-def buffer_encoder(enc: tiktoken.Encoding) -> Callable[[str], Any]:
+def buffer_encoder(enc: Any) -> Callable[[str], Any]:
     """enc.encode_ordinary, returning a buffer of uint32 tokens instead of a list of Python ints
     (~15% less CPU). Special-token text ("<|endoftext|>" in a document) is ordinary text, as in
     encode_ordinary; this is what tiktoken's public encode_to_numpy calls, minus numpy."""
@@ -88,25 +98,64 @@ def buffer_encoder(enc: tiktoken.Encoding) -> Callable[[str], Any]:
     return lambda text: array("I", enc.encode_ordinary(text))
 
 
-def encode_texts(encode: Callable[[str], Any], eot: int, data: memoryview, starts: Iterable[int], ends: Iterable[int]) -> Encoded:
-    """Decode and encode data[start:end] for each text, with `eot` before every text. Invalid
-    UTF-8 (e.g. lone surrogates written as bytes) is decoded with replacement characters."""
-    eot_bytes = array("I", [eot]).tobytes()
-    lengths, sizes, invalid, tokens = array("I"), array("q"), bytearray(), bytearray()
+def load_fastokens(tokenizer_json: str) -> Any:
+    """fastokens' tokenizer from GPT-2's tokenizer.json (~0.3 s: it builds an automaton over the vocabulary)."""
+    import fastokens
+
+    return fastokens.Tokenizer.from_json_str(tokenizer_json)
+
+
+def fastokens_batch_encoder(tokenizer: Any) -> EncodeBatch:
+    """A batch's texts in one call, tokens back as one uint32 buffer: no Python int per token.
+    The tokenizer.json has no added tokens, so "<|endoftext|>" in a text is ordinary text."""
+
+    def encode_batch(texts: list[str]) -> tuple[Any, Any]:
+        tokens, offsets = tokenizer.encode_batch_flat(texts)
+        ends = memoryview(offsets).cast("Q")  # n + 1 token offsets
+        return tokens, array("I", [ends[i + 1] - ends[i] for i in range(len(texts))])
+
+    return encode_batch
+
+
+def tiktoken_batch_encoder(enc: Any) -> EncodeBatch:
+    """tiktoken's encoder, text by text, into one uint32 buffer."""
+    encode = buffer_encoder(enc)
+
+    def encode_batch(texts: list[str]) -> tuple[Any, Any]:
+        tokens, lengths = bytearray(), array("I")
+        for text in texts:
+            encoded = memoryview(encode(text))
+            lengths.append(encoded.nbytes // 4)  # not len(): tiktoken's buffer reports its shape in bytes
+            tokens += encoded
+        return tokens, lengths
+
+    return encode_batch
+
+
+def batch_encoder(spec: dict[str, Any], fastokens_tokenizer: Any = None) -> EncodeBatch:
+    """The encoder an engine spec names, built on the thread that will use it. A fastokens
+    tokenizer already loaded in this process may be passed in (it is thread-safe); tiktoken
+    gets a fresh encoding per thread (see new_encoding)."""
+    if spec["engine"] == "fastokens":
+        return fastokens_batch_encoder(fastokens_tokenizer or load_fastokens(spec["tokenizer_json"]))
+    return tiktoken_batch_encoder(new_encoding(spec["arguments"]))
+
+
+def encode_texts(encode_batch: EncodeBatch, data: memoryview, starts: Iterable[int], ends: Iterable[int]) -> Encoded:
+    """Decode and encode data[start:end] for each text. Invalid UTF-8 (e.g. lone surrogates
+    written as bytes) is decoded with replacement characters."""
+    texts, sizes, invalid = [], array("q"), bytearray()
     for start, end in zip(starts, ends):
         raw = data[start:end]
         try:
-            text = str(raw, "utf-8")
+            texts.append(str(raw, "utf-8"))
             sizes.append(end - start)
             invalid.append(0)
         except UnicodeDecodeError:
-            text = str(raw, "utf-8", "replace")
-            sizes.append(len(text.encode("utf-8")))
+            texts.append(str(raw, "utf-8", "replace"))
+            sizes.append(len(texts[-1].encode("utf-8")))
             invalid.append(1)
-        encoded = memoryview(encode(text))
-        lengths.append(encoded.nbytes // 4)  # not len(): tiktoken's buffer reports its shape in bytes
-        tokens += eot_bytes
-        tokens += encoded
+    tokens, lengths = encode_batch(texts)
     return Encoded(lengths, sizes, bytes(invalid), tokens)
 
 
@@ -120,12 +169,12 @@ def _int64s(buffer: Any) -> memoryview:
 # ---------------------------------------------------------------------------------------
 
 
-def write_arguments(stream: Any, arguments: dict[str, Any]) -> None:
-    payload = pickle.dumps(arguments, protocol=pickle.HIGHEST_PROTOCOL)
+def write_spec(stream: Any, spec: dict[str, Any]) -> None:
+    payload = pickle.dumps(spec, protocol=pickle.HIGHEST_PROTOCOL)
     stream.write(_SIZE.pack(len(payload)) + payload)
 
 
-def read_arguments(stream: Any) -> dict[str, Any]:
+def read_spec(stream: Any) -> dict[str, Any]:
     (size,) = _SIZE.unpack(_read_exactly(stream, _SIZE.size))
     return pickle.loads(_read_exactly(stream, size))
 
@@ -179,19 +228,23 @@ def _read_exactly(stream: Any, size: int, end_ok: bool = False) -> bytes | None:
 
 
 class InProcessEncoder:
-    """Encodes batches in this process, on the one thread that calls it. Its encoding is its
-    own: tiktoken's regex runs ~1.5× slower on any thread but the first to use an encoding,
-    and the caller's thread may have used a shared one first."""
+    """Encodes batches in this process, on the one thread that calls it (fastokens and
+    tiktoken release the GIL while they encode). A fastokens tokenizer already loaded here is
+    reused; a tiktoken encoding is the encoder's own: tiktoken's regex runs ~1.5× slower on any
+    thread but the first to use an encoding, and the caller's thread may have used a shared one first."""
 
-    def __init__(self, arguments: dict[str, Any]) -> None:
-        self.arguments = arguments
-        self.encode: Callable[[str], Any] | None = None
+    def __init__(self, spec: dict[str, Any], fastokens_tokenizer: Any = None) -> None:
+        self.spec, self.fastokens_tokenizer = spec, fastokens_tokenizer
+        self.encode_batch: EncodeBatch | None = None
+
+    def prepare(self) -> None:
+        """Build the engine's encoder, on the thread that will use it."""
+        if self.encode_batch is None:
+            self.encode_batch = batch_encoder(self.spec, self.fastokens_tokenizer)
 
     def __call__(self, batch: Batch) -> Encoded:
-        if self.encode is None:  # built on the thread that will use it
-            self.encode = buffer_encoder(new_encoding(self.arguments))
-        eot = self.arguments["special_tokens"][EOT_TEXT]
-        return encode_texts(self.encode, eot, memoryview(batch.data), _int64s(batch.starts), _int64s(batch.ends))
+        self.prepare()
+        return encode_texts(self.encode_batch, memoryview(batch.data), _int64s(batch.starts), _int64s(batch.ends))
 
     def close(self, kill: bool = False) -> None:
         pass
@@ -200,20 +253,35 @@ class InProcessEncoder:
 class HelperProcess:
     """Encodes batches in a helper process running this file, fed over its stdin and stdout,
     one batch at a time. A fresh interpreter runs nothing of the caller's (a fork would copy a
-    caller's threads mid-flight; multiprocessing's spawn would import the caller's __main__)."""
+    caller's threads mid-flight; multiprocessing's spawn would import the caller's __main__).
+    Its engine is started before it takes a batch (see prepare)."""
 
-    def __init__(self, arguments: dict[str, Any]) -> None:
-        self.arguments = arguments
+    def __init__(self, spec: dict[str, Any]) -> None:
         self.errors = tempfile.TemporaryFile()  # a file, not a pipe: a chatty helper cannot block
         self.process = subprocess.Popen([sys.executable, "-P", __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        stderr=self.errors)
-        self.started = False
+                                        stderr=self.errors, env={**os.environ, **ONE_CORE_ENV})
+        self.spec: dict[str, Any] | None = spec
+        self.ready = False
+
+    def prepare(self) -> None:
+        """Send the engine spec (~0.6 MB for tiktoken, ~1.6 MB for fastokens, pickled) and wait
+        until the helper's engine is built, so a batch never waits behind an engine's start."""
+        if self.spec is None:
+            return
+        spec, self.spec = self.spec, None
+        try:
+            write_spec(self.process.stdin, spec)
+            self.process.stdin.flush()
+            (answer,) = _SIZE.unpack(_read_exactly(self.process.stdout, _SIZE.size))
+        except (BrokenPipeError, EOFError):
+            raise EncoderFailed(self._failure()) from None
+        if answer != READY:
+            raise EncoderFailed(f"tokenizer worker process {self.process.pid} answered {answer:#x} instead of being ready")
+        self.ready = True
 
     def __call__(self, batch: Batch) -> Encoded:
+        self.prepare()
         try:
-            if not self.started:  # the encoding's arguments once (~0.6 MB pickled), sent on the encoder's thread
-                write_arguments(self.process.stdin, self.arguments)
-                self.started = True
             write_batch(self.process.stdin, batch)
             return read_encoded(self.process.stdout, len(_int64s(batch.starts)))
         except (BrokenPipeError, EOFError):
@@ -226,7 +294,8 @@ class HelperProcess:
         return f"tokenizer worker process {self.process.pid} exited with code {code}" + (f": {lines[-1]}" if lines else "")
 
     def close(self, kill: bool = False) -> None:
-        if kill:
+        """End the helper: at the end of its input, or killed (on error, or still starting its engine)."""
+        if kill or not self.ready:
             self.process.kill()
         with contextlib.suppress(OSError):
             self.process.stdin.close()  # end of input: the helper exits
@@ -235,56 +304,102 @@ class HelperProcess:
         self.errors.close()
 
 
-def encoded_in_order(batches: Iterator[Batch], num_workers: int, arguments: dict[str, Any],
-                     finish: Callable[[Batch, Encoded], Result]) -> Iterator[Result]:
-    """finish(batch, its encoding) for each batch, in batch order, encoded by num_workers encoders.
+class EncoderPool:
+    """This process's encoder and num_workers - 1 helper processes, each driven by a thread here.
 
-    One encoder is this process, on a thread of its own while the calling thread reads the
-    input and writes the output; the others are helper processes, each driven by a thread
-    here. Whichever encoder is free takes the next batch; `finish` runs on that encoder's
-    thread. At most JOBS_IN_FLIGHT_PER_WORKER batches per worker are in flight, so memory
-    does not grow with the input.
+    The helpers start at once and build their engine (~0.35 s for fastokens) while the caller
+    checks its own; `encoded_in_order` then adds this process's encoder, on a thread of its own
+    while the calling thread reads the input and writes the output (the engines leave the GIL
+    while they encode). Whichever ready encoder is free takes the next batch. Close the pool
+    (or use it as a context manager) to end the helpers.
     """
-    if num_workers == 1:
-        encoder = InProcessEncoder(arguments)
-        for batch in batches:
-            yield finish(batch, encoder(batch))
-        return
-    encoders: list[Any] = [InProcessEncoder(arguments)]
-    pending: queue.SimpleQueue = queue.SimpleQueue()
-    window: deque[Future] = deque()
-    threads: list[threading.Thread] = []
-    finished = False
-    try:
-        encoders += [HelperProcess(arguments) for _ in range(num_workers - 1)]
-        for i, encoder in enumerate(encoders):
-            threads.append(threading.Thread(target=_serve, args=(encoder, pending, finish), name=f"tokenize-{i}", daemon=True))
-            threads[-1].start()
-        for batch in batches:
-            window.append(Future())
-            pending.put((batch, window[-1]))
-            if len(window) >= JOBS_IN_FLIGHT_PER_WORKER * num_workers:
+
+    def __init__(self, num_workers: int, spec: dict[str, Any]) -> None:
+        self.num_workers = num_workers
+        self.encoders: list[Any] = []
+        self.threads: list[threading.Thread] = []
+        self.start_failures: list[BaseException] = []  # encoders whose engine did not start: the run fails
+        self._start_helpers(spec)
+
+    def _start_helpers(self, spec: dict[str, Any]) -> None:
+        self.spec, self.pending, self.start_failures = spec, queue.SimpleQueue(), []
+        for _ in range(self.num_workers - 1):
+            self._serve_on_a_thread(HelperProcess(spec))
+
+    @property
+    def jobs_in_flight(self) -> int:
+        """Batches encoded or waiting at once: enough that every encoder always has one."""
+        return JOBS_IN_FLIGHT_PER_WORKER * self.num_workers
+
+    def _serve_on_a_thread(self, encoder: Any) -> None:
+        self.encoders.append(encoder)
+        self.threads.append(threading.Thread(target=_serve, args=(encoder, self.pending, self.start_failures),
+                                             name=f"tokenize-{len(self.threads)}", daemon=True))
+        self.threads[-1].start()
+
+    def use(self, spec: dict[str, Any]) -> None:
+        """Run the engine `spec` names: helpers started for another one are replaced."""
+        if spec["engine"] != self.spec["engine"]:
+            self.close(kill=True)
+            self._start_helpers(spec)
+
+    def encoded_in_order(self, batches: Iterator[Batch], finish: Callable[[Batch, Encoded], Result],
+                         fastokens_tokenizer: Any = None) -> Iterator[Result]:
+        """finish(batch, its encoding) for each batch, in batch order; `finish` runs on the
+        encoder's thread. At most JOBS_IN_FLIGHT_PER_WORKER batches per worker are in flight,
+        so memory does not grow with the input. `fastokens_tokenizer`: one already loaded here."""
+        self._serve_on_a_thread(InProcessEncoder(self.spec, fastokens_tokenizer))
+        window: deque[Future] = deque()
+        finished = False
+        try:
+            for batch in batches:
+                window.append(Future())
+                self.pending.put((batch, window[-1], finish))
+                if len(window) >= self.jobs_in_flight:
+                    yield window.popleft().result()
+            while window:
                 yield window.popleft().result()
-        while window:
-            yield window.popleft().result()
-        finished = True
-    finally:
-        for future in window:
-            future.cancel()
-        for _ in threads:
-            pending.put(None)
-        for encoder in encoders:
-            encoder.close(kill=not finished)  # on error or interrupt, a helper mid-batch is killed
-        for thread in threads:
+            if self.start_failures:  # a helper died before it took a batch: fail as if it died on one
+                raise self.start_failures[0]
+            finished = True
+        finally:
+            for future in window:
+                future.cancel()
+            if not finished:
+                self.close(kill=True)  # on error or interrupt, a helper mid-batch is killed
+
+    def close(self, kill: bool = False) -> None:
+        for _ in self.threads:
+            self.pending.put(None)
+        for encoder in self.encoders:
+            encoder.close(kill=kill)
+        for thread in self.threads:
             thread.join()
+        self.encoders, self.threads = [], []
+
+    def __enter__(self) -> EncoderPool:
+        return self
+
+    def __exit__(self, kind: Any, error: Any, traceback: Any) -> None:
+        self.close(kill=error is not None)
 
 
-def _serve(encoder: Any, pending: queue.SimpleQueue, finish: Callable[[Batch, Encoded], Any]) -> None:
-    """An encoder's thread: take the next batch (whoever is free takes it), answer its future."""
+def _serve(encoder: Any, pending: queue.SimpleQueue, start_failures: list[BaseException]) -> None:
+    """An encoder's thread: start its engine, then take the next batch (whoever is free takes
+    it) and answer its future. An engine that fails to start fails every batch it takes, and
+    its failure is kept, so the run fails even if the other encoders did all the work."""
+    failure: BaseException | None = None
+    try:
+        encoder.prepare()
+    except BaseException as error:
+        failure = error
+        start_failures.append(error)
     while (item := pending.get()) is not None:
-        batch, future = item
+        batch, future, finish = item
         if future.set_running_or_notify_cancel():
             try:
+                if failure is not None:
+                    raise failure
                 future.set_result(finish(batch, encoder(batch)))
             except BaseException as error:  # handed to the thread that waits on the future
                 future.set_exception(error)
@@ -293,11 +408,12 @@ def _serve(encoder: Any, pending: queue.SimpleQueue, finish: Callable[[Batch, En
 def main() -> None:
     """A helper: serve batches from stdin to stdout until the parent closes stdin."""
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
-    arguments = read_arguments(stdin)
-    encode, eot = buffer_encoder(new_encoding(arguments)), arguments["special_tokens"][EOT_TEXT]
+    encode_batch = batch_encoder(read_spec(stdin))
+    stdout.write(_SIZE.pack(READY))
+    stdout.flush()
     while (batch := read_batch(stdin)) is not None:
         starts, ends, data = batch
-        write_encoded(stdout, encode_texts(encode, eot, data, starts, ends))
+        write_encoded(stdout, encode_texts(encode_batch, data, starts, ends))
 
 
 if __name__ == "__main__":

@@ -1,20 +1,27 @@
 """The tokenize stage: parquet text → llm.c token shards of GPT-2 ids.
 
 `tokenize_parquet` streams parquet record batches, encodes them with the encoders of
-gpt/tokenize_worker.py (this process and helper processes), puts `<|endoftext|>` before
-every document, sends each whole document to train or val by a seeded hash of its (file,
-row) position, and fills llm.c shards of at most `shard_tokens` tokens with
-storage.shards.ShardWriter. The shards are byte-identical whatever the number of workers.
+gpt/tokenize_worker.py (this process and helper processes) running the engine that
+gpt/tokenize_engine.py chose and checked, puts `<|endoftext|>` before every document, sends
+each whole document to train or val by a seeded hash of its (file, row) position, and fills
+llm.c shards of at most `shard_tokens` tokens with storage.shards.ShardWriter.
+
+tiktoken referees a faster engine: a seeded sample of documents (`verify_fraction`) is
+re-encoded with it and any difference fails the stage, naming the document; a document whose
+count differs from FineWeb's `token_count` is re-encoded with it and counted. The shards are
+byte-identical whatever the engine or the number of workers.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,8 +30,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from configs.errors import TransientError, UserError
-from gpt.encoding import EOT, gpt2_encoding_arguments
-from gpt.tokenize_worker import Encoded, EncoderFailed, encoded_in_order
+from gpt.encoding import EOT
+from gpt.tokenize_engine import Engine, engine_spec, planned_engine, referee, referee_label, select_engine
+from gpt.tokenize_worker import Encoded, EncoderFailed, EncoderPool
 from storage.shards import ShardWriter
 
 if TYPE_CHECKING:  # only the type: the tokenizer reads the config's fields and imports no config code
@@ -32,24 +40,42 @@ if TYPE_CHECKING:  # only the type: the tokenizer reads the config's fields and 
 
 TOKEN_COUNT_COLUMN = "token_count"  # FineWeb's GPT-2 count per document (no EOT)
 DOC_TOKENS_FILE = "doc_tokens.npy"  # tokens per document (uint32), in the order they were read
-BATCH_ROWS = 256  # documents per job (~0.4 M tokens of FineWeb, ~0.1 s): big enough to amortise a pipe round trip, small enough to balance the last jobs
+# A helper process is started only when there is more text to encode than it could encode in the
+# time its engine takes to start (fastokens: ~0.4 s at ~90 MB/s; tiktoken: ~0.15 s at ~11 MB/s).
+TEXT_BYTES_PER_HELPER = {"fastokens": 32_000_000, "tiktoken": 2_000_000}
+BATCH_ROWS = 256  # documents per job (~0.4 M tokens of FineWeb, ~0.02 s with fastokens, ~0.15 s with tiktoken): big enough to amortise a pipe round trip, small enough to balance the last jobs
+READ_AHEAD_JOBS = 16  # jobs read while the engine starts (~27 MB of FineWeb text)
 
 
 class TokenizeError(UserError):
     """Input the tokenizer or the tokenize stage cannot use; the message is one line."""
 
 
+class EngineMismatch(TokenizeError):
+    """The engine's ids for a sampled document differ from tiktoken's; the message is one line."""
+
+
 class TokenizerCrashed(TransientError):
     """A tokenizer helper process died (killed, out of memory); running again starts over."""
+
+
+def _drawn(key: str, fraction: float) -> bool:
+    """A seeded, reproducible draw with probability `fraction`."""
+    draw = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
+    return draw < fraction * 2**64
 
 
 def is_val_document(seed: int, file_key: str | int, row_index: int, val_fraction: float) -> bool:
     """Whether a document is held out: a seeded hash of its position (its file's key and its
     row), so the split never depends on batching, worker count or which files were tokenized
     together, and a document is never cut in two."""
-    key = f"{seed}/{file_key}/{row_index}".encode()
-    draw = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
-    return draw < val_fraction * 2**64
+    return _drawn(f"{seed}/{file_key}/{row_index}", val_fraction)
+
+
+def is_verified_document(seed: int, file_key: str | int, row_index: int, verify_fraction: float) -> bool:
+    """Whether tiktoken re-encodes a document to check the engine: a seeded hash of its
+    position, drawn independently of the split."""
+    return _drawn(f"verify/{seed}/{file_key}/{row_index}", verify_fraction)
 
 
 @dataclass
@@ -77,30 +103,79 @@ class _Tokenized:
     tokens: np.ndarray  # uint16: EOT, doc 0, EOT, doc 1, ...
     skipped_empty: int
     invalid_utf8: int
-    token_count_mismatches: int
+    token_count_mismatches: int  # documents whose count differs from FineWeb's (after any re-encoding)
+    token_count_reencoded: int  # documents the engine counted differently from FineWeb, re-encoded with tiktoken
+    verified: int  # documents re-encoded with tiktoken and found identical
 
 
-def _finisher(seed: int, val_fraction: float, file_keys: list[str]) -> Callable[[_Job, Encoded], _Tokenized]:
-    """What an encoder's thread does with its answer: the split, and the counts checked against FineWeb's."""
+def _text(job: _Job, i: int) -> str:
+    """The i-th text of a job, decoded as the encoders decode it (invalid UTF-8 replaced)."""
+    return str(memoryview(job.data)[int(job.starts[i]) : int(job.ends[i])], "utf-8", "replace")
+
+
+def _verify_sample(job: _Job, key: str, ids: np.ndarray, offsets: np.ndarray, config: TokenizeConfig, engine: Engine,
+                   path: Path) -> int:
+    """Re-encode the job's sampled documents with tiktoken; EngineMismatch, naming the first
+    that differs, if any does. Returns how many were checked."""
+    checked = 0
+    for i, row in enumerate(job.rows.tolist()):
+        if is_verified_document(config.seed, key, row, config.verify_fraction):
+            got, expected = ids[offsets[i] : offsets[i + 1]].tolist(), referee().encode_ordinary(_text(job, i))
+            if got != expected:
+                at = next((k for k, (a, b) in enumerate(zip(got, expected)) if a != b), min(len(got), len(expected)))
+                raise EngineMismatch(
+                    f"{engine.label} and the referee {referee_label()} differ on row {row} of {path} (token {at}: "
+                    f"{got[at:at + 1]} vs {expected[at:at + 1]}, {len(got)} vs {len(expected)} tokens); set tokenize.engine=tiktoken"
+                )
+            checked += 1
+    return checked
+
+
+def _reencoded(job: _Job, ids: np.ndarray, lengths: np.ndarray, differing: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, lengths) with the `differing` documents re-encoded by tiktoken."""
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    documents = [ids[offsets[i] : offsets[i + 1]] for i in range(len(lengths))]
+    for i in differing.tolist():
+        documents[i] = np.asarray(referee().encode_ordinary(_text(job, i)), np.uint32)
+    return np.concatenate(documents), np.array([len(document) for document in documents], np.int64)
+
+
+def _finisher(config: TokenizeConfig, engine: Engine, files: list[Path], file_keys: list[str]) -> Callable[[_Job, Encoded], _Tokenized]:
+    """What an encoder's thread does with its answer: tiktoken's checks of the engine (none
+    when the engine is tiktoken, the referee itself), EOTs, the split."""
+    refereed = engine.name != "tiktoken"
 
     def finish(job: _Job, encoded: Encoded) -> _Tokenized:
-        lengths = np.frombuffer(encoded.lengths, np.uint32).astype(np.int64)
-        mismatches = 0
-        if job.token_counts is not None:  # FineWeb's own GPT-2 counts: ours must agree
-            mismatches = int(np.count_nonzero((job.token_counts >= 0) & (job.token_counts != lengths)))
         key = file_keys[job.file_index]
-        is_val = np.fromiter((is_val_document(seed, key, row, val_fraction) for row in job.rows.tolist()),
-                             dtype=bool, count=len(job.rows))
+        lengths = np.frombuffer(encoded.lengths, np.uint32).astype(np.int64)
+        ids = np.frombuffer(encoded.tokens, np.uint32)
+        verified = mismatches = reencoded = 0
+        if refereed and config.verify_fraction > 0:
+            offsets = np.concatenate([[0], np.cumsum(lengths)])
+            verified = _verify_sample(job, key, ids, offsets, config, engine, files[job.file_index])
+        if job.token_counts is not None:  # FineWeb's own GPT-2 counts: a document the engine counts otherwise is re-encoded
+            known = job.token_counts >= 0
+            differing = np.flatnonzero(known & (job.token_counts != lengths))
+            if refereed and differing.size:
+                ids, lengths = _reencoded(job, ids, lengths, differing)
+                reencoded = int(differing.size)
+            mismatches = int(np.count_nonzero(known & (job.token_counts != lengths)))
+        rows = job.rows.tolist()
+        is_val = np.fromiter((is_val_document(config.seed, key, row, config.val_fraction) for row in rows),
+                             dtype=bool, count=len(rows))
+        starts = np.cumsum(lengths) - lengths
         return _Tokenized(
             file_index=job.file_index,
             rows=job.rows,
             lengths=lengths,
             is_val=is_val,
             text_bytes=np.frombuffer(encoded.sizes, np.int64),
-            tokens=np.frombuffer(encoded.tokens, np.uint32).astype(np.uint16),  # ids < 50257
+            tokens=np.insert(ids, starts, EOT).astype(np.uint16),  # EOT before every document; ids < 50257
             skipped_empty=job.skipped_empty,
             invalid_utf8=int(np.count_nonzero(np.frombuffer(encoded.invalid, np.uint8))),
             token_count_mismatches=mismatches,
+            token_count_reencoded=reencoded,
+            verified=verified,
         )
 
     return finish
@@ -115,8 +190,9 @@ def _text_as_binary(column: pa.Array) -> pa.Array:
     return column
 
 
-def _read_schema(path: Path, text_column: str) -> tuple[pa.Schema, int]:
-    """Check from the footer that a file is parquet with a usable text column: (schema, rows)."""
+def _read_schema(path: Path, text_column: str) -> tuple[pa.Schema, int, int]:
+    """Check from the footer that a file is parquet with a usable text column: (schema, rows,
+    bytes of text, uncompressed)."""
     try:
         metadata = pq.read_metadata(path)
         schema = metadata.schema.to_arrow_schema()
@@ -132,7 +208,15 @@ def _read_schema(path: Path, text_column: str) -> tuple[pa.Schema, int]:
         raise TokenizeError(
             f"{path}: column {text_column!r} holds {kind}, not text; name the text column with --set data.text_column=..."
         )
-    return schema, metadata.num_rows
+    text_bytes = sum(chunk.total_uncompressed_size for group in range(metadata.num_row_groups)
+                     for chunk in map(metadata.row_group(group).column, range(metadata.num_columns))
+                     if chunk.path_in_schema == text_column)
+    return schema, metadata.num_rows, text_bytes
+
+
+def _encoders_for(text_bytes: int, engine: str) -> int:
+    """One encoder per core (this process and helpers), but no more helpers than the text pays for."""
+    return max(1, min(_cpu_count(), 1 + text_bytes // TEXT_BYTES_PER_HELPER[engine]))
 
 
 def _has_token_counts(schema: pa.Schema) -> bool:
@@ -179,6 +263,47 @@ def _jobs(files: list[Path], schemas: list[pa.Schema], text_column: str, max_row
                 first_row += batch.num_rows
 
 
+def _read_while(jobs: Iterator[_Job], busy: Future, limit: int) -> Iterator[_Job]:
+    """Read up to `limit` jobs while `busy` runs, then the rest as they are asked for: parquet is
+    read and decompressed while the engine starts (fastokens' load leaves the GIL free)."""
+    early: list[_Job] = []
+    while not busy.done() and len(early) < limit and (job := next(jobs, None)) is not None:
+        early.append(job)
+    return itertools.chain(early, jobs)
+
+
+@dataclass
+class _Totals:
+    """What the manifest counts, summed over the batches written."""
+
+    documents: dict[str, int] = field(default_factory=lambda: {"train": 0, "val": 0})
+    text_bytes: dict[str, int] = field(default_factory=lambda: {"train": 0, "val": 0})
+    lengths: list[np.ndarray] = field(default_factory=list)  # tokens per document, batch by batch
+    rows: int = 0  # rows read, empty ones included
+    skipped: int = 0
+    invalid: int = 0
+    mismatches: int = 0
+    reencoded: int = 0
+    verified: int = 0
+
+
+def _write(result: _Tokenized, writers: dict[str, ShardWriter], totals: _Totals) -> None:
+    """A batch's documents into their split's shards (each split's share in one copy), and its counts into totals."""
+    for split, in_split in (("train", ~result.is_val), ("val", result.is_val)):
+        if in_split.any():
+            tokens = result.tokens[np.repeat(in_split, result.lengths + 1)]  # the split's documents, each after its EOT
+            writers[split].add_documents(tokens, result.lengths[in_split] + 1, result.file_index, result.rows[in_split])
+            totals.documents[split] += int(np.count_nonzero(in_split))
+            totals.text_bytes[split] += int(result.text_bytes[in_split].sum())
+    totals.lengths.append(result.lengths)
+    totals.rows += len(result.rows) + result.skipped_empty
+    totals.skipped += result.skipped_empty
+    totals.invalid += result.invalid_utf8
+    totals.mismatches += result.token_count_mismatches
+    totals.reencoded += result.token_count_reencoded
+    totals.verified += result.verified
+
+
 def _cpu_count() -> int:
     """Cores this process may run on (its affinity mask, not the machine's count)."""
     try:
@@ -218,11 +343,14 @@ def tokenize_parquet(
     """Tokenize parquet files into llm.c shards in out_dir and return the stage manifest.
 
     The manifest holds `shards` (name, split, tokens, documents that start in the shard,
-    first_row/last_row as [file index, row]), `documents`, `tokens` (EOTs included) and
-    `text_bytes` per split (for bits per byte), `skipped_empty_documents`,
-    `invalid_utf8_documents` (decoded with replacement characters), `doc_tokens`
-    (quantiles and histogram), `tokens_per_second`, and `token_count_mismatches` when the
-    parquet has FineWeb's `token_count` column (it should be 0).
+    first_row/last_row as [file index, row], the engine that encoded it), `documents`,
+    `tokens` (EOTs included) and `text_bytes` per split (for bits per byte),
+    `skipped_empty_documents`, `invalid_utf8_documents` (decoded with replacement
+    characters), `doc_tokens` (quantiles and histogram), `tokens_per_second`, `engine`,
+    `referee` and `verified_documents` (re-encoded with tiktoken, identical), and, when the
+    parquet has FineWeb's `token_count` column, `token_count_reencoded` (documents the
+    engine counted otherwise, re-encoded with tiktoken; 0 for an exact engine) and
+    `token_count_mismatches` (documents tiktoken too counts otherwise; it should be 0).
 
     `file_keys` name the files in the val split's hash (default: their index in `files`);
     a name that does not change when other files join keeps each file's split the same.
@@ -231,8 +359,9 @@ def tokenize_parquet(
 
     progress(rows_done, rows_total) is called after each batch. On any error the shards
     written so far are removed, so out_dir never holds a partial result that looks complete.
-    config.num_workers processes tokenize (0: one per core): this one and num_workers - 1
-    helpers; the output does not depend on it.
+    config.num_workers processes tokenize: this one and num_workers - 1 helpers (0: one per
+    core, as many as the text pays for: see TEXT_BYTES_PER_HELPER); config.engine is the BPE
+    engine (gpt/tokenize_engine.py). The output depends on neither.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -241,43 +370,35 @@ def tokenize_parquet(
     files = [Path(file) for file in files]
     if not files:
         raise TokenizeError("no parquet files to tokenize; check data.source")
-    schemas, rows = zip(*(_read_schema(file, text_column) for file in files))
+    schemas, rows, file_text_bytes = zip(*(_read_schema(file, text_column) for file in files))
     rows_total = min(sum(rows), max_rows) if max_rows is not None else sum(rows)
-    num_workers = config.num_workers or _cpu_count()
+    planned = planned_engine(config.engine)
+    num_workers = config.num_workers or _encoders_for(sum(file_text_bytes) * rows_total // max(sum(rows), 1), planned)
 
-    arguments = gpt2_encoding_arguments()  # fails early (and clearly) if the vocabulary is missing
+    started = time.perf_counter()  # the engines' start counts
     writers = {split: ShardWriter(out_dir, split, config.shard_tokens) for split in ("train", "val")}
-    documents = {"train": 0, "val": 0}
-    text_bytes = {"train": 0, "val": 0}
-    lengths: list[np.ndarray] = []
-    rows_done = skipped = invalid = mismatches = 0
-    started = time.perf_counter()
+    totals = _Totals()
+    pool = EncoderPool(num_workers, engine_spec(planned))  # helpers start their engine at once
     try:
-        jobs = _jobs(files, list(schemas), text_column, max_rows)
-        keys = file_keys if file_keys is not None else [str(index) for index in range(len(files))]
-        results = encoded_in_order(jobs, num_workers, arguments, _finisher(config.seed, config.val_fraction, keys))
-        with contextlib.closing(results):
-            for result in results:
-                ends = np.cumsum(result.lengths + 1).tolist()
-                starts = [0] + ends[:-1]
-                for row, val, start, end, size in zip(result.rows.tolist(), result.is_val.tolist(), starts, ends, result.text_bytes.tolist()):
-                    split = "val" if val else "train"
-                    writers[split].add_document(result.tokens[start:end], (result.file_index, row))
-                    documents[split] += 1
-                    text_bytes[split] += size
-                lengths.append(result.lengths)
-                skipped += result.skipped_empty
-                invalid += result.invalid_utf8
-                mismatches += result.token_count_mismatches
-                rows_done += len(result.rows) + result.skipped_empty
-                if progress:
-                    progress(rows_done, rows_total)
+        with pool, ThreadPoolExecutor(1, thread_name_prefix="tokenize-engine") as starter:
+            choosing = starter.submit(select_engine, config.engine)  # loaded and checked in this process, meanwhile
+            jobs = _read_while(_jobs(files, list(schemas), text_column, max_rows), choosing, limit=READ_AHEAD_JOBS)
+            engine = choosing.result()  # a clear error if the engine asked for is unusable
+            pool.use(engine.spec)
+            keys = file_keys if file_keys is not None else [str(index) for index in range(len(files))]
+            finish = _finisher(config, engine, files, keys)
+            results = pool.encoded_in_order(jobs, finish, fastokens_tokenizer=engine.tokenizer)
+            with contextlib.closing(results):
+                for result in results:
+                    _write(result, writers, totals)
+                    if progress:
+                        progress(totals.rows, rows_total)
         for writer in writers.values():
             writer.flush()
-        for split, count in documents.items():
+        for split, count in totals.documents.items():
             if count == 0 and require_both_splits:
                 raise TokenizeError(
-                    f"no document landed in {split} ({sum(documents.values())} documents, "
+                    f"no document landed in {split} ({sum(totals.documents.values())} documents, "
                     f"tokenize.val_fraction={config.val_fraction}); use more data or change --set tokenize.val_fraction=..."
                 )
     except BaseException as error:
@@ -289,27 +410,34 @@ def tokenize_parquet(
     seconds = time.perf_counter() - started
 
     tokens = {split: sum(s["tokens"] for s in writer.shards) for split, writer in writers.items()}
-    all_lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
+    for shard in writers["train"].shards + writers["val"].shards:
+        shard["engine"] = engine.label
+    all_lengths = np.concatenate(totals.lengths) if totals.lengths else np.zeros(0, np.int64)
     np.save(out_dir / DOC_TOKENS_FILE, all_lengths.astype(np.uint32))  # for a dataset assembled from many files
     manifest: dict[str, Any] = {
         "encoding": "gpt2",
         "eot_token": EOT,
         "sources": [str(file) for file in files],
         "text_column": text_column,
-        "rows_read": rows_done,
+        "rows_read": totals.rows,
         "shards": writers["train"].shards + writers["val"].shards,
-        "documents": documents,
-        "skipped_empty_documents": skipped,
-        "invalid_utf8_documents": invalid,
+        "documents": totals.documents,
+        "skipped_empty_documents": totals.skipped,
+        "invalid_utf8_documents": totals.invalid,
         "tokens": tokens,
-        "text_bytes": text_bytes,
+        "text_bytes": totals.text_bytes,
         "doc_tokens": length_summary(all_lengths),
         "num_workers": num_workers,
+        "engine": engine.label,
+        "referee": referee_label(),
+        "verify_fraction": config.verify_fraction,
+        "verified_documents": totals.verified,
         "seconds": round(seconds, 3),
         "tokens_per_second": round(sum(tokens.values()) / seconds, 1) if seconds > 0 else None,
     }
     if any(_has_token_counts(schema) for schema in schemas):
-        manifest["token_count_mismatches"] = mismatches
+        manifest["token_count_reencoded"] = totals.reencoded
+        manifest["token_count_mismatches"] = totals.mismatches
     return manifest
 
 
@@ -318,7 +446,8 @@ def assemble_dataset(parts: list[tuple[str, Path, dict[str, Any]]], out_dir: Pat
     in file order. Each part's shards are hard-linked (not copied) into out_dir, renumbered
     train_000000.bin, … and val_000000.bin, … in that order, so the trainer reads the same
     tokens in the same order whoever tokenized which file, and when. Returns the manifest of
-    the whole: the per-file one's totals summed, its shards named by file."""
+    the whole: the per-file one's totals summed, its shards named by file, and `engines`: the
+    engines that encoded them (a file tokenized earlier may have had another; the bytes are the same)."""
     out_dir = Path(out_dir)
     shards: list[dict[str, Any]] = []
     next_index = {"train": 0, "val": 0}
@@ -353,10 +482,13 @@ def assemble_dataset(parts: list[tuple[str, Path, dict[str, Any]]], out_dir: Pat
         "tokens": {split: sum(r["tokens"][split] for _, _, r in parts) for split in ("train", "val")},
         "text_bytes": {split: sum(r["text_bytes"][split] for _, _, r in parts) for split in ("train", "val")},
         "doc_tokens": length_summary(all_lengths),
+        "engines": sorted({r.get("engine", "tiktoken") for _, _, r in parts}),  # a part from before engines were recorded: tiktoken
+        "verified_documents": total("verified_documents"),
         "seconds": round(total("seconds"), 3),
     }
     manifest["tokens_per_second"] = (round(sum(manifest["tokens"].values()) / manifest["seconds"], 1)
                                      if manifest["seconds"] > 0 else None)
     if any("token_count_mismatches" in r for _, _, r in parts):
+        manifest["token_count_reencoded"] = total("token_count_reencoded")
         manifest["token_count_mismatches"] = total("token_count_mismatches")
     return manifest

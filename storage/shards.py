@@ -55,17 +55,23 @@ class ShardWriter:
         self.shards: list[dict] = []
 
     def add_document(self, tokens: np.ndarray, source_row: tuple[int, int]) -> None:
-        start = 0
-        while start < len(tokens):
+        self.add_documents(tokens, np.array([len(tokens)]), source_row[0], np.array([source_row[1]]))
+
+    def add_documents(self, tokens: np.ndarray, lengths: np.ndarray, file_index: int, rows: np.ndarray) -> None:
+        """Documents of one file back to back in `tokens` (`lengths`: tokens of each, none 0;
+        `rows`: their rows in the file), copied a shard's worth at a time rather than one by one."""
+        starts = np.cumsum(lengths) - lengths  # each document's first token
+        row_at = lambda token: (file_index, int(rows[np.searchsorted(starts, token, side="right") - 1]))  # noqa: E731
+        position = 0
+        while position < len(tokens):
             if self.filled == 0:
-                self.first_row = source_row
-            if start == 0:
-                self.documents += 1
-            take = min(len(tokens) - start, len(self.buffer) - self.filled)
-            self.buffer[self.filled : self.filled + take] = tokens[start : start + take]
+                self.first_row = row_at(position)
+            take = min(len(tokens) - position, len(self.buffer) - self.filled)
+            self.buffer[self.filled : self.filled + take] = tokens[position : position + take]
+            self.documents += int(np.searchsorted(starts, position + take) - np.searchsorted(starts, position))  # that start here
+            self.last_row = row_at(position + take - 1)
             self.filled += take
-            start += take
-            self.last_row = source_row
+            position += take
             if self.filled == len(self.buffer):
                 self.flush()
 

@@ -210,14 +210,14 @@ def plan_tokenize_files(files: list[tuple[str, str]], data: DataConfig, tokenize
     the file's content and name, not by the download that brought it, so a file is tokenized
     once whichever glob or list it arrives in. The code is read once for all the files."""
     code = stage_code_version("tokenize")
-    settings = tokenize.model_dump(exclude={"num_workers"})  # speed, never bytes
+    settings = tokenize.model_dump(exclude={"num_workers", "engine", "verify_fraction"})  # speed, never bytes
     return [stable_hash({"file": sha256, "key": key, "text_column": data.text_column, "tokenize": settings, "code": code})
             for key, sha256 in files]
 
 
 def plan_tokenize(download_version: str, data: DataConfig, tokenize: TokenizeConfig) -> str:
     return stable_hash({"download": download_version, "text_column": data.text_column,
-                        "tokenize": tokenize.model_dump(exclude={"num_workers"}),  # speed, never bytes
+                        "tokenize": tokenize.model_dump(exclude={"num_workers", "engine", "verify_fraction"}),  # speed, never bytes
                         "code": stage_code_version("tokenize")})
 
 

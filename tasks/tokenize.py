@@ -67,6 +67,7 @@ def tokenize(store: ArtifactStore, version: str, download_ref: dict[str, Any], f
     report = manifest.metrics
     shards = [{k: shard.get(k) for k in ("name", "split", "tokens", "documents", "file")} for shard in report["shards"]]
     totals = {k: v for k, v in report.items() if isinstance(v, (int, float, str))}
+    totals["engines"] = ", ".join(report.get("engines", []))  # which BPE engine encoded the shards (tiktoken referees it)
     create_table_artifact(key=ui_key(ui_name, "tokenize-shards"), table=shards, description="llm.c token shards")
     lengths = report["doc_tokens"]
     length_rows = [{k: lengths[k] for k in ("p1", "p50", "p99", "max", "mean")}]

@@ -7,6 +7,7 @@ import random
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +17,9 @@ import pytest
 
 from configs.schema import TokenizeConfig
 from gpt import tokenize_worker, tokenizer
-from gpt.encoding import EOT, gpt2_encoding
+from gpt.encoding import EOT, gpt2_encoding, gpt2_encoding_arguments, gpt2_file
 from gpt.tokenizer import TokenizeError, TokenizerCrashed, is_val_document, tokenize_parquet
-from storage.shards import read_shard
+from storage.shards import ShardWriter, read_shard
 
 PROJECT = Path(__file__).resolve().parents[1]
 SHARED = PROJECT.parent / "shared" / "data" / "fineweb-sample"
@@ -48,6 +49,17 @@ def test_builds_offline_with_an_empty_tiktoken_cache(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], cwd=PROJECT, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[15496, 995]"
+
+
+def test_ranks_are_what_tiktoken_derives_from_the_merges(tmp_path):
+    """The ranks are read straight from encoder.json; tiktoken's own loader rebuilds them from
+    vocab.bpe's merges (and checks them against encoder.json): the same 50,256 ranks."""
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+
+    for name in ("vocab.bpe", "encoder.json"):
+        (tmp_path / name).write_bytes(gpt2_file(name))
+    ranks = data_gym_to_mergeable_bpe_ranks(str(tmp_path / "vocab.bpe"), str(tmp_path / "encoder.json"))
+    assert gpt2_encoding_arguments()["mergeable_ranks"] == ranks and len(ranks) == 50256
 
 
 @pytest.mark.skipif(not SAMPLE.exists(), reason="../shared FineWeb sample not present")
@@ -134,6 +146,37 @@ def test_shards_are_byte_identical_for_one_two_and_three_workers(tmp_path, monke
     assert progress[1] == progress[3] and progress[1][-1] == (600, 600) and len(progress[1]) > 30
 
 
+def test_shard_writer_adds_many_documents_as_it_would_one_by_one(tmp_path):
+    """Documents added a batch at a time fill the same shards, with the same document counts
+    and first and last rows, as documents added one by one (a document may span shards)."""
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 60, size=300)
+    tokens = rng.integers(0, 50257, size=int(lengths.sum())).astype(np.uint16)
+    rows = np.arange(300) * 3 + 1
+    (tmp_path / "one").mkdir()
+    (tmp_path / "many").mkdir()
+    one_by_one, batched = ShardWriter(tmp_path / "one", "train", 97), ShardWriter(tmp_path / "many", "train", 97)
+    starts = np.cumsum(lengths) - lengths
+    expected = []  # (documents starting in the shard, first row, last row), counted by hand
+    for start, length, row in zip(starts.tolist(), lengths.tolist(), rows.tolist()):
+        one_by_one.add_document(tokens[start : start + length], (2, row))
+        for position in range(start, start + length):
+            if position % 97 == 0:
+                expected.append([0, [2, row], None])
+            expected[-1][0] += position == start
+            expected[-1][2] = [2, row]
+    cuts = [0, 7, 150, 151, 300]  # batches of 7, 143, 1 and 149 documents
+    for first, last in zip(cuts, cuts[1:]):
+        end = int(starts[last]) if last < len(lengths) else len(tokens)
+        batched.add_documents(tokens[int(starts[first]) : end], lengths[first:last], 2, rows[first:last])
+    one_by_one.flush()
+    batched.flush()
+    assert one_by_one.shards == batched.shards
+    assert [[s["documents"], s["first_row"], s["last_row"]] for s in batched.shards] == expected
+    assert [(tmp_path / "one" / s["name"]).read_bytes() for s in one_by_one.shards] == [
+        (tmp_path / "many" / s["name"]).read_bytes() for s in batched.shards]
+
+
 def test_endoftext_inside_a_text_is_ordinary_text(tmp_path):
     """Only the separator is EOT: a document's literal "<|endoftext|>" is tokenized as
     encode_ordinary does, never as the special token."""
@@ -178,11 +221,18 @@ def test_parallel_tokenizing_from_a_thread_and_from_a_script_without_main_guard(
     assert {p.name: p.read_bytes() for p in (tmp_path / "from-thread").iterdir()} == {p.name: p.read_bytes() for p in (tmp_path / "from-script").iterdir()}
 
 
-def test_a_failing_helper_process_is_a_one_line_error_and_leaves_no_shards(tmp_path, monkeypatch):
+@pytest.mark.parametrize("dies", ["starting", "on a batch"])
+def test_a_failing_helper_process_is_a_one_line_error_and_leaves_no_shards(tmp_path, monkeypatch, dies):
+    """A helper that dies fails the run, even when this process's encoder could do all the
+    work (it is slowed down here, so the helper has time to start and die)."""
     monkeypatch.setattr(tokenizer, "BATCH_ROWS", 8)
     broken = tmp_path / "broken_worker.py"
-    broken.write_text("import sys\nsys.stdin.buffer.read(8)\nsys.exit('the helper broke')\n")
+    ready = f"import struct\nsys.stdin.buffer.read(struct.unpack('=Q', sys.stdin.buffer.read(8))[0])\n" \
+            f"sys.stdout.buffer.write(struct.pack('=Q', {tokenize_worker.READY}))\nsys.stdout.flush()\n"
+    broken.write_text("import sys\n" + (ready if dies == "on a batch" else "") + "sys.stdin.buffer.read(8)\nsys.exit('the helper broke')\n")
     monkeypatch.setattr(tokenize_worker, "__file__", str(broken))
+    encode = tokenize_worker.InProcessEncoder.__call__
+    monkeypatch.setattr(tokenize_worker.InProcessEncoder, "__call__", lambda self, batch: (time.sleep(0.02), encode(self, batch))[1])
     path = _write(tmp_path / "docs.parquet", _texts(400, seed=6))
     with pytest.raises(TokenizerCrashed, match=r"tokenizer worker process \d+ exited with code 1: the helper broke") as error:
         tokenize_parquet([path], tmp_path / "out", TokenizeConfig(val_fraction=0.1, shard_tokens=1024, num_workers=2))
