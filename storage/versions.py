@@ -187,9 +187,10 @@ def plan_hellaswag(source: str, storage_root: str | os.PathLike) -> DownloadPlan
             raise
         warnings.warn(f"{redact(urls[0])} cannot be reached; using the copy fetched before, hellaswag/{earlier[-1].version}",
                       stacklevel=2)
-        return DownloadPlan(version=earlier[-1].version, urls=urls, fingerprints=[earlier[-1].inputs["source"]])
+        return DownloadPlan(version=earlier[-1].version, urls=urls, fingerprints=[earlier[-1].inputs["source"]],
+                            names=local_names(urls))
     version = stable_hash({"source": redact(fingerprint), "code": stage_code_version("hellaswag")})
-    return DownloadPlan(version=version, urls=urls, fingerprints=[fingerprint])
+    return DownloadPlan(version=version, urls=urls, fingerprints=[fingerprint], names=local_names(urls))
 
 
 def plan_profile(download_version: str, data: DataConfig, profile: ProfileConfig) -> str:
