@@ -43,12 +43,21 @@ def api(stack, method: str, path: str, **kwargs) -> object:
 
 
 def run_deployment(stack, name: str, *params: str) -> dict:
-    """`prefect deployment run NAME --watch`; return the flow run as the API reports it."""
+    """`prefect deployment run NAME --watch`; return the flow run as the API reports it, with the
+    log of it and its subflow runs."""
     result = prefect_cli(stack, "deployment", "run", name, *params, "--watch")
     assert "Created flow run" in result.stdout, result.stdout + result.stderr
     run_id = result.stdout.split("UUID:")[1].split()[0].strip()
     flow_run = api(stack, "GET", f"/flow_runs/{run_id}")
-    logs = api(stack, "POST", "/logs/filter", json={"logs": {"flow_run_id": {"any_": [run_id]}}, "limit": 200})
+    subflows = api(stack, "POST", "/flow_runs/filter", json={"flow_runs": {"parent_flow_run_id": {"any_": [run_id]}}})
+    ids = [run_id, *(run["id"] for run in subflows)]  # the dataset subflow logs its stages itself
+    logs: list[dict] = []
+    while len(logs) % 200 == 0:  # page by page, 200 a page
+        page = api(stack, "POST", "/logs/filter", json={"logs": {"flow_run_id": {"any_": ids}}, "sort": "TIMESTAMP_ASC",
+                                                        "limit": 200, "offset": len(logs)})
+        logs += page
+        if not page:
+            break
     flow_run["log_text"] = "\n".join(entry["message"] for entry in logs)
     return flow_run
 
