@@ -180,8 +180,13 @@ class TrainConfig(Section):
     keep_last_checkpoints: int = Field(default=3, ge=1)
     compile: bool = True
     device: str = Field(default="auto", description="auto, cpu, cuda, cuda:N, mps")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="autocast precision; auto: bfloat16 on GPUs that have it (float16 on older ones) and on "
+        "CPUs with AMX or AVX512-BF16, float32 on other CPUs")
     fused_adamw: bool | None = Field(default=None, description="default: fused where the device supports it")
+    memory_check: bool = Field(
+        default=True, description="estimate the memory a micro-batch needs before training and stop, naming the largest "
+        "micro-batch that fits, when it exceeds the free memory (gpt/memory.py); false: train anyway")
     num_threads: int | None = Field(default=None, ge=1, description="torch CPU threads; default: all cores")
     peak_tflops: float | None = Field(default=None, gt=0, description="device peak for MFU; default: looked up by GPU name")
     nproc_per_node: int = Field(default=1, ge=1, description=">1 launches torchrun from the train task")

@@ -39,40 +39,42 @@ from gpt.checkpoint import load_model
 from gpt.data import ShardDataset
 from gpt.encoding import EOT, gpt2_encoding
 from gpt.model import unwrap_model
-from gpt.runtime import Runtime, resolve_device, resolve_dtype, reuse_freed_memory
+from gpt.runtime import Runtime, resolve_device, resolve_dtype, reuse_freed_memory, trained_dtype
 
 
 class EvalError(UserError):
     """Evaluation input that cannot be used; the message is one line."""
 
 
-def evaluate(checkpoint_dir: str | Path, data_dir: str | Path, eval_config: EvalConfig, device: str = "auto") -> dict[str, Any]:
-    """Score a checkpoint on the val shards in `data_dir` (and HellaSwag when configured).
+def evaluate(checkpoint_dir: str | Path, data_dir: str | Path, eval_config: EvalConfig, device: str = "auto",
+             dtype: str | None = None) -> dict[str, Any]:
+    """Score a checkpoint on the val shards in `data_dir` (and HellaSwag when configured), under
+    the autocast it was trained with (its train.dtype, resolved on `device`; `dtype` overrides).
 
     Returns a flat dict: checkpoint, iteration, val_loss, perplexity, tokens, bytes,
-    bits_per_byte, batches, and hellaswag_items/_acc/_acc_norm when HellaSwag ran.
+    bits_per_byte, batches, dtype, and hellaswag_items/_acc/_acc_norm when HellaSwag ran.
     """
     hellaswag_items = None
     if eval_config.hellaswag_path:  # read first, so a bad path fails before the slow part
         hellaswag_items = read_hellaswag(eval_config.hellaswag_path, eval_config.hellaswag_max_items)
     torch_device = resolve_device(device)
     model, state = load_model(checkpoint_dir, torch_device)
-    dtype = resolve_dtype("auto", torch_device)
+    torch_dtype = resolve_dtype(dtype or trained_dtype(state), torch_device)
     encoding = gpt2_encoding()
     val = ShardDataset(data_dir, "val", model.config.block_size)
 
     token_bytes = torch.tensor(utf8_bytes_per_token(encoding), dtype=torch.int64)
     loss_sum, tokens, num_bytes, batches = 0.0, 0, 0, 0
     with reuse_freed_memory(torch_device.type == "cpu"):  # the logits are big blocks, as in training
-        with torch.no_grad(), Runtime.single(torch_device, dtype).autocast():
+        with torch.no_grad(), Runtime.single(torch_device, torch_dtype).autocast():
             for x, y in val.sequential_batches(eval_config.batch_size, eval_config.max_batches):
-                _, loss = model(x.to(torch_device), y.to(torch_device))
+                _, loss = model(x.to(torch_device), y.to(torch_device), return_logits=False)
                 loss_sum += loss.item() * y.numel()
                 tokens += y.numel()
                 num_bytes += int(token_bytes[y].sum())
                 batches += 1
         hellaswag_scores = {} if hellaswag_items is None else score_hellaswag(
-            model, hellaswag_items, encoding, torch_device, dtype, items_per_batch=eval_config.hellaswag_items_per_batch)
+            model, hellaswag_items, encoding, torch_device, torch_dtype, items_per_batch=eval_config.hellaswag_items_per_batch)
     val_loss = loss_sum / tokens
     result: dict[str, Any] = {
         "checkpoint": str(checkpoint_dir),
@@ -83,6 +85,7 @@ def evaluate(checkpoint_dir: str | Path, data_dir: str | Path, eval_config: Eval
         "bytes": num_bytes,
         "bits_per_byte": loss_sum / (num_bytes * math.log(2)),
         "batches": batches,
+        "dtype": str(torch_dtype).removeprefix("torch."),
         **hellaswag_scores,
     }
     return result

@@ -8,6 +8,12 @@ Generation adds one thing nanoGPT lacks: a `KVCache`, so each new token runs the
 itself only. It gives the same logits as re-running the whole context (the training
 forward is untouched), also past block_size, where the context is re-run cropped.
 
+Training and evaluation add another: `model(idx, targets, return_logits=False)` computes the
+loss through `head_cross_entropy`, a few hundred positions of the 50304-wide head at a time,
+so the full (b, t, vocab) logits (and cross-entropy's three buffers of their size) never
+exist; same loss and gradients as nanoGPT's `F.cross_entropy(lm_head(x))`, which the default
+`return_logits=True` still computes.
+
 References:
 1) OpenAI's GPT-2 TensorFlow implementation: https://github.com/openai/gpt-2/blob/master/src/model.py
 2) karpathy/nanoGPT: https://github.com/karpathy/nanoGPT/blob/master/model.py
@@ -27,6 +33,10 @@ from configs.schema import ModelConfig
 
 # Prefixes that wrappers add to state-dict keys: torch.compile (`_orig_mod.`) and DDP (`module.`).
 WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+# Most logits per chunk of head_cross_entropy: 2**24 is 64 MB in float32, ~333 positions of a 50304-wide
+# head. Smaller chunks add per-chunk work (the weight gradient's sum); larger ones save no time on CPU
+# and cost memory (BENCHMARKS.md, "Training (CPU)").
+LOSS_CHUNK_LOGITS = 2**24
 
 
 @dataclass
@@ -206,22 +216,29 @@ class GPT(nn.Module):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: KVCache | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        return_logits: bool = True,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Logits and loss. With targets: logits at every position and the mean
-        cross-entropy (targets of -1 are ignored). Without: logits of the last
-        position only, which is all that generation needs.
+        cross-entropy (targets of -1 are ignored); with return_logits=False the loss only
+        (logits None), computed in chunks without ever holding the full logits: what the
+        trainer and evaluation use. Without targets: logits of the last position only,
+        which is all that generation needs.
 
         With a kv_cache, idx holds the positions after the cached ones (all of them when
         the cache is empty) and is added to the cache."""
         x = self.hidden_states(idx, kv_cache)
-        if targets is not None:
-            logits = self.lm_head(x)
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
-        else:
+        if targets is None:
             # inference-time mini-optimization: only forward the lm_head on the very last position
             logits = self.lm_head(x[:, [-1], :])  # note: using list [-1] to preserve the time dim
-            loss = None
+            return logits, None
+        if not return_logits:
+            return None, head_cross_entropy(x, self.lm_head.weight, targets)
+        logits = self.lm_head(x)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
         return logits, loss
 
     def hidden_states(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
@@ -325,6 +342,88 @@ class GPT(nn.Module):
             if stop_token is not None and bool(stopped.all()):
                 break
         return idx
+
+
+def head_cross_entropy(
+    x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int | None = None
+) -> torch.Tensor:
+    """The mean cross-entropy of the logits x @ weight.T against targets (-1: ignored), computed
+    chunk_rows positions at a time (default: equal chunks of at most LOSS_CHUNK_LOGITS logits), so only one
+    chunk's logits exist at any moment. Under autocast the matmuls run in its dtype and the
+    softmax in float32, as autocast runs lm_head and F.cross_entropy. With gradients, the
+    forward also computes them, chunk by chunk while the logits are at hand (HeadCrossEntropy)."""
+    x, targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)
+    if chunk_rows is None:  # equal chunks of at most LOSS_CHUNK_LOGITS logits
+        chunks = math.ceil(x.size(0) * weight.size(0) / LOSS_CHUNK_LOGITS)
+        chunk_rows = math.ceil(x.size(0) / chunks)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return HeadCrossEntropy.apply(x, weight, targets, chunk_rows)
+    loss_sum, count, _, _ = _head_loss_and_grads(x, weight, targets, chunk_rows, with_grads=False)
+    return loss_sum / count
+
+
+class HeadCrossEntropy(torch.autograd.Function):
+    """head_cross_entropy with gradients. d loss / d logits is softmax minus the one-hot target,
+    so while a chunk's logits exist the forward turns them into that and takes x's gradient
+    (it @ weight) and weight's (its transpose @ x, summed over chunks in float32). The same
+    three matmuls as lm_head's forward and backward; the backward only scales the results."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int) -> torch.Tensor:
+        loss_sum, count, grad_x, grad_weight = _head_loss_and_grads(x, weight, targets, chunk_rows, with_grads=True)
+        ctx.save_for_backward(grad_x, grad_weight, count)
+        ctx.weight_dtype = weight.dtype
+        return loss_sum / count
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:
+        grad_x, grad_weight, count = ctx.saved_tensors
+        scale = grad_loss / count  # the loss is the sum over positions / count
+        return grad_x * scale.to(grad_x.dtype), (grad_weight * scale).to(ctx.weight_dtype), None, None
+
+
+def _head_loss_and_grads(
+    x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int, with_grads: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The summed loss over x's rows, the count of scored ones, and (with_grads) the gradients of
+    the sum w.r.t. x and weight (float32)."""
+    device_type = x.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
+    with torch.autocast(device_type, enabled=False):  # the casts below are explicit
+        w = weight.to(dtype)
+        grad_x = torch.empty_like(x) if with_grads else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if with_grads else None
+        loss_sum = torch.zeros((), dtype=torch.float32, device=x.device)
+        for start in range(0, x.size(0), chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            loss_sum += _head_chunk(x[rows].to(dtype), w, targets[rows], grad_x[rows] if with_grads else None, grad_weight)
+        count = (targets != -1).sum()
+    return loss_sum, count, grad_x, grad_weight
+
+
+def _head_chunk(
+    x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, grad_x: torch.Tensor | None, grad_weight: torch.Tensor | None
+) -> torch.Tensor:
+    """The summed loss of one chunk of rows; with grad_x, writes their gradient there and adds the
+    weight's to grad_weight. A function of its own, so the chunk's logits are freed on return."""
+    ignored = (targets == -1)[:, None]
+    targets = targets[:, None].masked_fill(ignored, 0)
+    logits = x @ w.T
+    logp_target = torch.log_softmax(logits, dim=-1, dtype=torch.float32).gather(1, targets)
+    loss = -logp_target.masked_fill(ignored, 0.0).sum()
+    if grad_x is None:
+        return loss
+    # softmax - one-hot, in the matmul's dtype; the target's p - 1 from float32, where it has the digits
+    grad = torch.softmax(logits, dim=-1)
+    del logits
+    grad[torch.arange(len(targets), device=grad.device), targets[:, 0]] = (logp_target[:, 0].exp() - 1).to(grad.dtype)
+    grad_x.copy_((grad @ w).masked_fill_(ignored, 0.0))  # ignored rows: their x gets no gradient …
+    x = x.masked_fill(ignored, 0.0)  # … and adds nothing to the weight's
+    if grad.dtype == torch.float32:
+        grad_weight.addmm_(grad.T, x)
+    else:
+        grad_weight += grad.T @ x
+    return loss
 
 
 def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:

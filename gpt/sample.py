@@ -37,7 +37,7 @@ from configs.errors import TransientError, UserError
 from configs.schema import SampleConfig, load_config
 from gpt.checkpoint import list_checkpoints, load_model, select_checkpoint
 from gpt.encoding import EOT, gpt2_encoding
-from gpt.runtime import Runtime, resolve_device, resolve_dtype
+from gpt.runtime import Runtime, resolve_device, resolve_dtype, trained_dtype
 from storage.artifacts import ArtifactStore
 
 
@@ -63,11 +63,12 @@ class Sample:
         return len(self.tokens)
 
 
-def sample(checkpoint_dir: str | Path, config: SampleConfig, device: str = "auto") -> list[Sample]:
-    """`config.num_samples` completions of each of `config.prompts`, prompt by prompt."""
+def sample(checkpoint_dir: str | Path, config: SampleConfig, device: str = "auto", dtype: str | None = None) -> list[Sample]:
+    """`config.num_samples` completions of each of `config.prompts`, prompt by prompt, under the
+    autocast the checkpoint was trained with (its train.dtype, resolved on `device`; `dtype` overrides)."""
     torch_device = resolve_device(device)
-    model, _ = load_model(checkpoint_dir, torch_device)
-    dtype = resolve_dtype("auto", torch_device)
+    model, state = load_model(checkpoint_dir, torch_device)
+    dtype = resolve_dtype(dtype or trained_dtype(state), torch_device)
     encoding = gpt2_encoding()
     stop_token = EOT if config.stop_at_eot else None
     samples = []

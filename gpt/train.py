@@ -55,6 +55,7 @@ from gpt.encoding import gpt2_encoding
 from gpt.evaluate import read_hellaswag, score_hellaswag
 from gpt.flops import mfu, peak_flops
 from gpt.metrics import METRICS_FILE, METRICS_FORMAT, EventLog, trim_metrics
+from gpt.memory import GB, MemoryEstimate, check_memory, free_memory
 from gpt.model import GPT, GPTConfig
 from gpt.rng import RngState, iteration_seed, seed_everything
 from gpt.runtime import Runtime, reuse_freed_memory, setup_runtime
@@ -127,8 +128,8 @@ def train_step(
         if isinstance(train_model, DDP):  # all-reduce gradients only after the last micro-step
             train_model.require_backward_grad_sync = micro_step == micro_steps - 1
         with runtime.autocast():
-            # [1]: the logits (batch × block × 50304 floats) are not kept alive through backward
-            loss = train_model(x, y)[1] / micro_steps  # the gradient of the mean over all micro-batches
+            # the loss in chunks: the logits (batch × block × 50304 floats) never exist all at once
+            loss = train_model(x, y, return_logits=False)[1] / micro_steps  # the gradient of the mean over all micro-batches
         scaler.scale(loss).backward()
         loss_sum += loss.detach()
     if runtime.world_size > 1:
@@ -161,7 +162,7 @@ def estimate_val_loss(model: GPT, val_data: ShardDataset, batch_size: int, max_b
             continue
         x, y = runtime.to_device(batch)
         with runtime.autocast():
-            _, loss = model(x, y)
+            _, loss = model(x, y, return_logits=False)
         totals[0] += loss.double() * y.numel()
         totals[1] += y.numel()
     if runtime.world_size > 1:
@@ -290,6 +291,7 @@ def _train(
     val_data = ShardDataset(data_dir, "val", config.model.block_size)
     hellaswag = HellaSwagDuringTraining.of(config, hellaswag_file, runtime)
 
+    memory = check_training_memory(config, runtime)  # before anything big is allocated
     model, optimizer, scaler = build_model(config, runtime)
     loader = TrainLoader(train_data, tc.batch_size, tc.seed, runtime.rank, runtime.world_size)
     state = TrainingState(Progress(), loader, Schedule.from_config(tc), RngState(), scaler)
@@ -333,6 +335,7 @@ def _train(
         max_iters=tc.max_iters,
         resumed_from_iter=start_iter if resume_from is not None else None,
         resumed_from=str(resume_from) if resume_from is not None else None,
+        memory_estimate=memory.total,
     )
     if saved is not None:
         state.schedule = _continue_schedule(state.schedule, saved["config"]["train"], config, start_iter, events)
@@ -407,6 +410,24 @@ def _train(
     summary = _summary(run_dir, progress, start_iter, resume_from is not None, last_checkpoint, params, already_complete=False)
     events.emit("done", **{k: v for k, v in summary.items() if k != "run_dir"})
     return summary
+
+
+def check_training_memory(config: PipelineConfig, runtime: Runtime, free: int | None = None) -> MemoryEstimate:
+    """Log the memory estimate for this micro-batch (gpt/memory.py) and, with train.memory_check,
+    stop with a one-line error naming the largest micro-batch that fits when it exceeds the free
+    memory (`free` bytes; default: CUDA's free memory, or on CPU the available RAM shared by this
+    machine's processes)."""
+    tc = config.train
+    if free is None:
+        free = free_memory(runtime.device)
+        if free is not None and runtime.device.type == "cpu":
+            free //= int(os.environ.get("LOCAL_WORLD_SIZE", runtime.world_size))
+    memory = check_memory(config.model, tc.batch_size, tc.grad_accum_steps, runtime.dtype,
+                          free if tc.memory_check else None, str(runtime.device))
+    if runtime.is_main:
+        available = f"; {free / GB:.2f} GB free on {runtime.device}" if free is not None else ""
+        logger.info(f"memory: {memory.describe()}{available}")
+    return memory
 
 
 def _restore(checkpoint: Checkpoint, model: GPT, optimizer: torch.optim.Optimizer, state: TrainingState) -> None:

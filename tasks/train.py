@@ -11,6 +11,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from prefect import task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
@@ -19,7 +20,9 @@ from configs import PipelineConfig, describe
 from configs.errors import TransientError, UserError
 from configs.secrets import redact
 from gpt.checkpoint import checkpoint_iteration, latest_checkpoint
+from gpt.memory import GB, estimate_training_memory, free_memory, largest_batch_that_fits
 from gpt.metrics import METRICS_FILE, describe_event, read_metrics
+from gpt.runtime import resolve_device, resolve_dtype
 from gpt.train import ERROR_FILE_ENV
 from gpt.train import train as train_gpt
 from storage.artifacts import ArtifactStore, folder_lock
@@ -46,7 +49,7 @@ def checkpointed_iteration(store: ArtifactStore, config: PipelineConfig) -> int 
     return None if latest is None else checkpoint_iteration(latest)
 
 
-def model_card(config: PipelineConfig, train_tokens: int | None) -> str:
+def model_card(config: PipelineConfig, train_tokens: int | None, memory: list[dict[str, Any]] | None = None) -> str:
     m, t = config.model, config.train
     total = t.max_iters * config.tokens_per_iter()
     epochs = f"{total / train_tokens:.2f}" if train_tokens else "unknown"
@@ -64,8 +67,31 @@ def model_card(config: PipelineConfig, train_tokens: int | None) -> str:
         {"what": "expected epochs over the data", "value": epochs},
         {"what": "learning rate", "value": f"{t.learning_rate} → {t.min_lr} ({t.schedule}, warmup {t.warmup_iters})"},
         {"what": "compile / device / dtype", "value": f"{t.compile} / {t.device} / {t.dtype}"},
+        *(memory_rows(config) if memory is None else memory),
     ]
     return f"# Model card: {config.name} / {config.run_name}\n\n{describe(config)}\n\n{markdown_table(rows)}\n"
+
+
+def memory_rows(config: PipelineConfig) -> list[dict[str, Any]]:
+    """The model card's rows on memory: the precision `auto` resolves to here, the estimate for one
+    process's micro-batch (gpt/memory.py) and, beside it, the device's free memory and whether the
+    micro-batch fits. Under torchrun the free memory is left to the ranks (asking CUDA here would
+    hold a context on GPU 0 for the whole run)."""
+    t = config.train
+    device = resolve_device(t.device)
+    dtype = resolve_dtype(t.dtype, device)
+    estimate = estimate_training_memory(config.model, t.batch_size, dtype)
+    rows = [
+        {"what": "precision here", "value": f"{t.dtype} → {str(dtype).removeprefix('torch.')} on {device}"},
+        {"what": "memory estimate per process", "value": estimate.describe()},
+    ]
+    free = free_memory(device) if t.nproc_per_node == 1 or device.type != "cuda" else None
+    if free is not None:
+        name = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else " (available RAM)"
+        fits = largest_batch_that_fits(config.model, dtype, free, at_most=max(t.batch_size, 4096))
+        verdict = "fits" if fits >= t.batch_size else f"does not fit: the largest micro-batch that fits is {fits}"
+        rows.append({"what": f"free memory on {device}{name}", "value": f"{free / GB:.2f} GB — train.batch_size={t.batch_size} {verdict}"})
+    return rows
 
 
 def _train_with_torchrun(config: PipelineConfig, data_dir: Path, folder: Path, hellaswag_file: str | None = None) -> dict[str, Any]:
@@ -106,8 +132,10 @@ def train(store: ArtifactStore, config: PipelineConfig, tokenize_ref: dict[str, 
     hellaswag_file = hellaswag_ref["file"] if hellaswag_ref else None
     folder = store.run_dir(config.run_name)
     train_tokens = store.manifest("tokenize", tokenize_ref["version"]).metrics["tokens"]["train"]
-    create_markdown_artifact(key=ui_key(ui_name, "model-card"), markdown=model_card(config, train_tokens),
-                             description="what is being trained: size, FLOPs, tokens, epochs")
+    memory = memory_rows(config)
+    print("; ".join(f"{row['what']}: {row['value']}" for row in memory))
+    create_markdown_artifact(key=ui_key(ui_name, "model-card"), markdown=model_card(config, train_tokens, memory),
+                             description="what is being trained: size, FLOPs, tokens, epochs, memory")
     progress = ProgressArtifact(f"training {config.run_name} to {config.train.max_iters} iterations")
 
     def on_event(event: dict[str, Any]) -> None:

@@ -1,16 +1,22 @@
-"""The GPT: shapes, initial loss, parameter counts, nanoGPT weights, generation."""
+"""The GPT: shapes, initial loss, the loss in chunks, parameter counts, nanoGPT weights, generation, precision."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
+import torch.utils._pytree as pytree
+from torch.nn import functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
+import gpt.model
 from configs import load_config
 from configs.schema import ModelConfig
 from gpt.checkpoint import load_nanogpt_checkpoint
-from gpt.model import GPT, GPTConfig, load_nanogpt_state_dict
+from gpt.model import GPT, GPTConfig, head_cross_entropy, load_nanogpt_state_dict
+from gpt.runtime import cpu_has_bf16, resolve_dtype
 
 torch.set_num_threads(1)
 
@@ -137,3 +143,130 @@ def test_generate_never_samples_padding_ids():
     assert int(unlimited[0, 1:].min()) >= 50257
     limited = model.generate(prompt, 5, top_k=1, generator=torch.Generator().manual_seed(0), vocab_limit=50257)
     assert int(limited.max()) < 50257
+
+
+# ---------------------------------------------------------------------------------------
+# The loss in chunks (head_cross_entropy) against nanoGPT's F.cross_entropy(lm_head(x))
+# ---------------------------------------------------------------------------------------
+
+
+def loss_and_grads(loss_fn, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype):
+    """The loss and the gradients of x and weight, under autocast `dtype` (float32: none)."""
+    x, weight = x.detach().requires_grad_(), weight.detach().requires_grad_()
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        loss = loss_fn(x, weight, targets)
+    (loss * 0.5).backward()  # a scaled loss, as the trainer's loss / micro_steps
+    return loss.detach(), x.grad, weight.grad
+
+
+def plain_loss(x, weight, targets):
+    return F.cross_entropy(F.linear(x, weight), targets, ignore_index=-1)
+
+
+def head_problem(seed: int = 0, rows: int = 70, width: int = 16, vocab: int = 1000):
+    """Hidden states, a head weight large enough for peaked softmaxes, and targets, some ignored."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, width, generator=generator)
+    weight = torch.randn(vocab, width, generator=generator) * 0.5
+    targets = torch.randint(0, vocab, (rows,), generator=generator)
+    targets[::9] = -1
+    return x, weight, targets
+
+
+# float32: summation order only. bf16: both paths round the same bf16 logits; the weight's gradient is
+# summed over chunks in float32 here and rounded to bf16 once in the plain path, hence 1e-2 of its largest entry.
+TOLERANCES = {torch.float32: (1e-6, 1e-5), torch.bfloat16: (1e-6, 1e-2)}  # (loss, gradient relative to its max)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bf16"])
+def test_chunked_loss_and_gradients_match_the_plain_path(dtype):
+    x, weight, targets = head_problem()
+    expected = loss_and_grads(plain_loss, x, weight, targets, dtype)
+    loss_tolerance, grad_tolerance = TOLERANCES[dtype]
+    for chunk_rows in (8, 70, 1000):  # uneven chunks, one chunk, a chunk larger than the rows
+        got = loss_and_grads(lambda *a: head_cross_entropy(*a, chunk_rows=chunk_rows), x, weight, targets, dtype)
+        assert got[0].dtype == torch.float32 and abs(got[0] - expected[0]) <= loss_tolerance * expected[0]
+        for grad, reference in zip(got[1:], expected[1:]):
+            assert grad.dtype == torch.float32
+            assert (grad - reference).abs().max() <= grad_tolerance * reference.abs().max()
+    assert (targets == -1).any() and (got[1][targets == -1] == 0).all()  # ignored positions get no gradient
+
+
+def test_chunked_loss_matches_the_plain_path_compiled():
+    """Captured whole by torch.compile (fullgraph: no graph break) with its backward; aot_eager runs the
+    captured graphs as they are, in seconds. Inductor's kernels for them are compared with eager training
+    by tests/test_train.py::test_compiled_training_matches_eager."""
+    x, weight, targets = head_problem(seed=1)
+    compiled = torch.compile(lambda *a: head_cross_entropy(*a, chunk_rows=16), fullgraph=True, backend="aot_eager")
+    expected = loss_and_grads(plain_loss, x, weight, targets, torch.float32)
+    got = loss_and_grads(compiled, x, weight, targets, torch.float32)
+    assert abs(got[0] - expected[0]) <= 1e-5 * expected[0]
+    for grad, reference in zip(got[1:], expected[1:]):
+        assert (grad - reference).abs().max() <= 1e-5 * reference.abs().max()
+
+
+def test_the_model_loss_without_logits_is_the_plain_loss_and_needs_no_full_logits(small_loss_chunks):
+    model = tiny_model()
+    idx = torch.randint(0, 50257, (4, 16))
+    targets = torch.randint(0, 50257, (4, 16))
+    targets[:, :3] = -1
+    sizes = LargestTensor()
+    with sizes:
+        logits, chunked = model(idx, targets, return_logits=False)
+        chunked.backward()
+    assert logits is None
+    assert sizes.largest < 4 * 16 * 50304 / 2  # chunks of 16 positions, never all the logits
+    chunked_grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    with sizes:
+        _, plain = model(idx, targets)
+        plain.backward()
+    assert sizes.largest >= 4 * 16 * 50304  # nanoGPT's path holds the logits
+    assert torch.allclose(chunked, plain, rtol=1e-6)
+    for name, p in model.named_parameters():
+        assert torch.allclose(chunked_grads[name], p.grad, rtol=1e-4, atol=1e-7), name
+    with torch.no_grad():  # evaluation: the same loss without gradients
+        assert torch.allclose(model(idx, targets, return_logits=False)[1], plain, rtol=1e-6)
+
+
+@pytest.fixture
+def small_loss_chunks(monkeypatch):
+    """Chunks of at most 2**20 logits (20 positions of the 50304-wide head), so tiny batches have several."""
+    monkeypatch.setattr(gpt.model, "LOSS_CHUNK_LOGITS", 2**20)
+
+
+class LargestTensor(TorchDispatchMode):
+    """The most elements of any tensor an op returned while active."""
+
+    def __enter__(self):
+        self.largest = 0
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+# ---------------------------------------------------------------------------------------
+# Precision: bf16 where the CPU multiplies bf16 matrices in hardware
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("flags", "expected"), [
+    ({"avx512f", "avx512_bf16"}, torch.bfloat16),  # AMD Zen 4, Intel Cooper Lake
+    ({"avx512f", "amx_tile", "amx_bf16"}, torch.bfloat16),  # Intel Sapphire Rapids
+    ({"avx2", "avx512f", "avx512_vnni"}, torch.float32),  # AVX-512 without bf16: emulated, slower than float32
+    (set(), torch.float32),
+])
+def test_auto_precision_on_cpu_follows_the_bf16_flags(flags, expected):
+    assert resolve_dtype("auto", torch.device("cpu"), cpu_flags=flags) == expected
+    assert resolve_dtype("float32", torch.device("cpu"), cpu_flags=flags) == torch.float32  # explicit wins
+
+
+def test_this_cpus_flags_agree_with_torchs_own_detection():
+    if not Path("/proc/cpuinfo").exists():
+        pytest.skip("no /proc/cpuinfo: torch's detection is used directly")
+    assert cpu_has_bf16() == (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())

@@ -304,7 +304,7 @@ PREVIOUS_RELEASE = "78f0da8"  # the last commit before checkpoint format 2 and m
 
 def test_a_run_started_by_the_previous_release_resumes_bit_identically(shards, tmp_path):
     """The real old writer: the project at PREVIOUS_RELEASE trains, its last checkpoint is lost, and this
-    one resumes from the one before it: the same weights and history as an uninterrupted run."""
+    one resumes from the one before it: the same weights (to float32 rounding) and history as an uninterrupted run."""
     archive = subprocess.run(["git", "-C", str(PROJECT_ROOT), "archive", "--format=tar", PREVIOUS_RELEASE], capture_output=True)
     if archive.returncode:
         pytest.skip(f"no git history holding {PREVIOUS_RELEASE} here (an exported tree, not a clone)")
@@ -312,7 +312,8 @@ def test_a_run_started_by_the_previous_release_resumes_bit_identically(shards, t
     old.mkdir()
     subprocess.run(["tar", "-x", "-C", str(old)], input=archive.stdout, check=True)
     config_file = tmp_path / "tiny.yaml"
-    config_file.write_text(yaml.safe_dump(tiny_tree(max_iters=10, checkpoint_interval=5, eval_interval=5)))
+    # float32 pinned: the previous release's `auto` is float32 on every CPU, today's is bf16 on CPUs that have it
+    config_file.write_text(yaml.safe_dump(tiny_tree(max_iters=10, checkpoint_interval=5, eval_interval=5, dtype="float32")))
     env = {**subprocess_env(), "PYTHONPATH": str(old)}
     trained = subprocess.run([sys.executable, "-m", "gpt.train", "--config", str(config_file), "--data-dir", str(shards),
                               "--run-dir", str(tmp_path / "run")], cwd=old, env=env, capture_output=True, text=True, timeout=300)
@@ -320,12 +321,15 @@ def test_a_run_started_by_the_previous_release_resumes_bit_identically(shards, t
     assert "format" not in json.loads((tmp_path / "run" / "checkpoints" / "step_000005" / "state.json").read_text())
     shutil.rmtree(tmp_path / "run" / "checkpoints" / "step_000010")  # as if killed before it was written
 
-    config = tiny_config(max_iters=10, checkpoint_interval=5, eval_interval=5)
+    config = tiny_config(max_iters=10, checkpoint_interval=5, eval_interval=5, dtype="float32")
     resumed = train(config, shards, tmp_path / "run")
     uninterrupted = train(config, shards, tmp_path / "new")
     assert resumed["start_iter"] == 5 and resumed["tokens_trained"] == uninterrupted["tokens_trained"]
     a, b = load_checkpoint(uninterrupted["latest_checkpoint"]), load_checkpoint(resumed["latest_checkpoint"])
-    assert all(torch.equal(a.model[key], b.model[key]) for key in a.model)
+    # Not bitwise since the loss is computed in chunks (iterations 1-5 ran the previous release's F.cross_entropy,
+    # whose float32 sums are ordered differently): float32 rounding apart (~3e-6 of the largest weight). A resume
+    # that lost any state (cursor, schedule, moments) is off by orders of magnitude more.
+    assert all((a.model[key] - b.model[key]).abs().max() <= 2e-5 * a.model[key].abs().max() for key in a.model)
     from gpt.metrics import read_metrics as read_events
 
     def trained_iterations(run: Path) -> list[int]:  # as the project reads them: one meaning of iter, whatever wrote it
