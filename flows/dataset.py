@@ -76,6 +76,7 @@ def prepare_dataset(store: ArtifactStore, data: DataConfig, profile_config: Prof
                     ui_name: str, until: str | None = None) -> dict[str, StageResult]:
     """download → profile → tokenize, each file a task run; stops after the stage `until`
     names. Returns {stage: (ref, cache hit)} for the stages run."""
+    store.ensure_writable()  # created here, so a worker that cannot see it fails in one line
     stages = {"download": download_dataset(store, data, ui_name)}
     if until == "download":
         return stages
