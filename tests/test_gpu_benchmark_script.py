@@ -25,7 +25,10 @@ def test_gpu_benchmark_script_smoke_runs_on_cpu(tmp_path):
     report = json.loads(out.read_text())
     assert report["torch"] == __import__("torch").__version__
     [result] = report["results"]
-    assert result["preset"] == "demo" and result["device"] == "cpu" and result["dtype"] == "float32"
+    from gpt.runtime import resolve_dtype
+
+    auto = str(resolve_dtype("auto", __import__("torch").device("cpu"))).removeprefix("torch.")  # bfloat16 on CPUs with AMX/AVX512-BF16
+    assert result["preset"] == "demo" and result["device"] == "cpu" and result["dtype"] == auto
     assert result["steps"] == 2 and result["warmup_steps"] == 1 and result["compile"] is False
     assert result["params"] == 3_318_080 and result["tokens_per_iter"] == 8 * 128 * 2
     assert result["mfu"] is None and result["peak_tflops"] is None  # no peak known for a CPU
