@@ -122,15 +122,16 @@ class Handler(BaseHTTPRequestHandler):
         sent = payload if cut is None else payload[:cut]
         if self.path in server.stall_after:  # send the start, go silent, then hang up: the client must time out
             before, seconds = server.stall_after.pop(self.path)
+            server.log.append((self.command, self.path, self.headers.get("Range"), before))
             self.wfile.write(sent[:before])
             self.wfile.flush()
-            server.log.append((self.command, self.path, self.headers.get("Range"), before))
             time.sleep(seconds)
             self.close_connection = True
             return
+        # logged before the bytes go out: a client that has read them all may look at the log at once
+        server.log.append((self.command, self.path, self.headers.get("Range"), len(sent)))
         self.wfile.write(sent)
         self.wfile.flush()
-        server.log.append((self.command, self.path, self.headers.get("Range"), len(sent)))
         if cut is not None:
             if self.path in server.replace_after_cut:
                 server.files[self.path] = server.replace_after_cut.pop(self.path)
