@@ -124,10 +124,11 @@ def download_dataset(store: ArtifactStore, data: DataConfig, ui_name: str) -> St
             return submit_cached_stage(download_file, store, version, url=url, fingerprint=fingerprint, name=name,
                                        max_rows=max_rows, code=code)
 
-        progress = ProgressArtifact(f"downloading {len(sources)} file(s)")
         if data.max_rows is None:
-            refs = [ref for _, ref in collect([(name, submit(url, fp, name, None)) for url, fp, name in sources], progress)]
+            submitted = [(name, submit(url, fingerprint, name, None)) for url, fingerprint, name in sources]
+            refs = [ref for _, ref in collect(submitted, f"downloading {len(sources)} file(s)")]
         else:
+            progress = ProgressArtifact(f"downloading the first {data.max_rows:,} rows of {len(sources)} file(s)")
             remaining = data.max_rows
             for url, fingerprint, name in sources:
                 if remaining <= 0:
@@ -139,12 +140,11 @@ def download_dataset(store: ArtifactStore, data: DataConfig, ui_name: str) -> St
                             data=data, ui_name=ui_name)
 
 
-def collect(futures: list[tuple[str, PrefectFuture]], progress: ProgressArtifact | str) -> list[tuple[str, dict[str, Any]]]:
-    """(file key, result) of each future, in the order given; the progress artifact counts files done."""
-    if isinstance(progress, str):
-        if not futures:
-            return []
-        progress = ProgressArtifact(progress)
+def collect(futures: list[tuple[str, PrefectFuture]], description: str) -> list[tuple[str, dict[str, Any]]]:
+    """(file key, result) of each future, in the order given; a progress artifact counts files done."""
+    if not futures:
+        return []
+    progress = ProgressArtifact(description)
     results = []
     for done, (key, future) in enumerate(futures, start=1):
         results.append((key, future.result()))

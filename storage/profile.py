@@ -84,8 +84,8 @@ def document_table(file: str | Path, out: str | Path, text_column: str = "text",
                 "name the text column with --set data.text_column=..."
             )
         select = f"SELECT {', '.join(_per_document(columns, text_column))} FROM {source}"
-        _run(con, f"COPY ({select}) TO $out (FORMAT parquet, COMPRESSION zstd)", {"file": path, "out": str(out)}, url, memory_limit)
-        return con.execute("SELECT count(*) FROM read_parquet($out)", {"out": str(out)}).fetchone()[0]
+        copy = f"COPY ({select}) TO $out (FORMAT parquet, COMPRESSION zstd)"
+        return _run(con, copy, {"file": path, "out": str(out)}, url, memory_limit).fetchone()[0]  # COPY returns the rows written
 
 
 def profile_documents(

@@ -28,8 +28,7 @@ def version_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> st
 def run_cached_stage(task: Task, store: ArtifactStore, version: str, quiet: bool = False,
                      **parameters: Any) -> tuple[dict[str, Any], bool]:
     """Run a stage task; return (its result, whether Prefect served it from the cache)."""
-    fresh = not store.exists(task.name, version)
-    state = task.with_options(refresh_cache=fresh)(store=store, version=version, return_state=True, **parameters)
+    state = _with_cache_rule(task, store, version)(store=store, version=version, return_state=True, **parameters)
     result = state.result()  # raises the task's error when it failed
     if state.name == "Cached" and not quiet:
         announce_cache_hit(store, task.name, version)
@@ -38,8 +37,12 @@ def run_cached_stage(task: Task, store: ArtifactStore, version: str, quiet: bool
 
 def submit_cached_stage(task: Task, store: ArtifactStore, version: str, **parameters: Any) -> PrefectFuture:
     """Submit a stage task to the flow's task runner, with the same cache rule as run_cached_stage."""
-    fresh = not store.exists(task.name, version)
-    return task.with_options(refresh_cache=fresh).submit(store=store, version=version, **parameters)
+    return _with_cache_rule(task, store, version).submit(store=store, version=version, **parameters)
+
+
+def _with_cache_rule(task: Task, store: ArtifactStore, version: str) -> Task:
+    """The task, its cache refreshed when the artifact it would name is gone (see the module docstring)."""
+    return task.with_options(refresh_cache=not store.exists(task.name, version))
 
 
 def announce_cache_hit(store: ArtifactStore, stage: str, version: str) -> None:
