@@ -129,9 +129,8 @@ def test_trainer_cli_finds_the_flows_tokenized_data_by_itself(demo_runs):
     assert start["data_dir"] == summary["stages"]["tokenize"]["path"]
 
 
-def test_trainer_cli_without_data_names_the_command_that_makes_it(tmp_path):
-    env = dict(os.environ, FWP_STORAGE_ROOT=str(tmp_path / "artifacts"), PREFECT_HOME=str(tmp_path / "prefect-home"))
-    env.pop("PREFECT_API_URL", None)
+def test_trainer_cli_without_data_names_the_command_that_makes_it(prefect_server, tmp_path):
+    env = dict(prefect_server.env, FWP_STORAGE_ROOT=str(tmp_path / "artifacts"))  # the session's server: no temporary one
     trainer = [sys.executable, "-m", "gpt.train", "--config", "configs/demo.yaml", "--set", "train.max_iters=1"]
     missing = subprocess.run(trainer, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert missing.returncode == 1 and "Traceback" not in missing.stderr
