@@ -140,6 +140,20 @@ def free_memory(device: torch.device) -> int | None:
     return None
 
 
+def free_memory_per_process(device: torch.device, processes_here: int) -> int | None:
+    """free_memory for one of `processes_here` training processes on this machine: on CPU they
+    share the RAM, on CUDA each has its own card."""
+    free = free_memory(device)
+    return free // max(processes_here, 1) if free is not None and device.type == "cpu" else free
+
+
+def fit_verdict(model: ModelConfig, batch_size: int, dtype: torch.dtype, free_bytes: int) -> str:
+    """'fits', or 'does not fit: the largest micro-batch that fits is N' (the model card's words)."""
+    if estimate_training_memory(model, batch_size, dtype).total <= free_bytes:
+        return "fits"
+    return f"does not fit: the largest micro-batch that fits is {largest_batch_that_fits(model, dtype, free_bytes, batch_size)}"
+
+
 def check_memory(
     model: ModelConfig, batch_size: int, grad_accum_steps: int, dtype: torch.dtype, free_bytes: int | None, device: str
 ) -> MemoryEstimate:

@@ -55,7 +55,7 @@ from gpt.encoding import gpt2_encoding
 from gpt.evaluate import read_hellaswag, score_hellaswag
 from gpt.flops import mfu, peak_flops
 from gpt.metrics import METRICS_FILE, METRICS_FORMAT, EventLog, trim_metrics
-from gpt.memory import GB, MemoryEstimate, check_memory, free_memory
+from gpt.memory import GB, MemoryEstimate, check_memory, free_memory_per_process
 from gpt.model import GPT, GPTConfig
 from gpt.rng import RngState, iteration_seed, seed_everything
 from gpt.runtime import Runtime, reuse_freed_memory, setup_runtime
@@ -419,9 +419,7 @@ def check_training_memory(config: PipelineConfig, runtime: Runtime, free: int | 
     machine's processes)."""
     tc = config.train
     if free is None:
-        free = free_memory(runtime.device)
-        if free is not None and runtime.device.type == "cpu":
-            free //= int(os.environ.get("LOCAL_WORLD_SIZE", runtime.world_size))
+        free = free_memory_per_process(runtime.device, int(os.environ.get("LOCAL_WORLD_SIZE", runtime.world_size)))
     memory = check_memory(config.model, tc.batch_size, tc.grad_accum_steps, runtime.dtype,
                           free if tc.memory_check else None, str(runtime.device))
     if runtime.is_main:

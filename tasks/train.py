@@ -20,7 +20,7 @@ from configs import PipelineConfig, describe
 from configs.errors import TransientError, UserError
 from configs.secrets import redact
 from gpt.checkpoint import checkpoint_iteration, latest_checkpoint
-from gpt.memory import GB, estimate_training_memory, free_memory, largest_batch_that_fits
+from gpt.memory import GB, estimate_training_memory, fit_verdict, free_memory_per_process
 from gpt.metrics import METRICS_FILE, describe_event, read_metrics
 from gpt.runtime import resolve_device, resolve_dtype
 from gpt.train import ERROR_FILE_ENV
@@ -85,11 +85,12 @@ def memory_rows(config: PipelineConfig) -> list[dict[str, Any]]:
         {"what": "precision here", "value": f"{t.dtype} → {str(dtype).removeprefix('torch.')} on {device}"},
         {"what": "memory estimate per process", "value": estimate.describe()},
     ]
-    free = free_memory(device) if t.nproc_per_node == 1 or device.type != "cuda" else None
+    free = free_memory_per_process(device, t.nproc_per_node) if t.nproc_per_node == 1 or device.type != "cuda" else None
     if free is not None:
         name = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else " (available RAM)"
-        fits = largest_batch_that_fits(config.model, dtype, free, at_most=max(t.batch_size, 4096))
-        verdict = "fits" if fits >= t.batch_size else f"does not fit: the largest micro-batch that fits is {fits}"
+        if device.type == "cpu" and t.nproc_per_node > 1:
+            name = f" (available RAM / {t.nproc_per_node} processes)"
+        verdict = fit_verdict(config.model, t.batch_size, dtype, free)
         rows.append({"what": f"free memory on {device}{name}", "value": f"{free / GB:.2f} GB — train.batch_size={t.batch_size} {verdict}"})
     return rows
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from configs.schema import ModelConfig
-from gpt.memory import NotEnoughMemory, check_memory, estimate_training_memory, largest_batch_that_fits
+from gpt.memory import NotEnoughMemory, check_memory, estimate_training_memory, fit_verdict, largest_batch_that_fits
 from gpt.runtime import Runtime
 from gpt.train import check_training_memory, train
 from tests.gpt_fixtures import tiny_config, write_tiny_shards
@@ -97,6 +97,8 @@ def test_a_micro_batch_that_does_not_fit_names_the_largest_that_does():
     assert "the largest micro-batch that fits is 11" in message
     assert "train.batch_size=8 and train.grad_accum_steps=64" in message  # the same 512 sequences per iteration
     assert check_memory(model, 11, 32, torch.bfloat16, free, "cuda:0").batch_size == 11  # fits: no error
+    assert fit_verdict(model, 11, torch.bfloat16, free) == "fits"
+    assert fit_verdict(model, 16, torch.bfloat16, free) == "does not fit: the largest micro-batch that fits is 11"
     assert check_memory(model, 16, 32, torch.bfloat16, None, "mps").batch_size == 16  # free memory unknown: no check
 
 
@@ -124,3 +126,5 @@ def test_the_model_card_shows_the_estimate_next_to_the_free_memory():
     assert "| precision here | float32 → float32 on cpu |" in card
     assert "| memory estimate per process | ~" in card
     assert "| free memory on cpu (available RAM) |" in card and "train.batch_size=4 fits" in card
+    two = model_card(tiny_config(device="cpu", dtype="float32", nproc_per_node=2), train_tokens=12_000)
+    assert "| free memory on cpu (available RAM / 2 processes) |" in two  # two trainers share this RAM
