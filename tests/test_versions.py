@@ -101,11 +101,12 @@ def test_editing_any_module_of_a_stage_changes_its_version_and_no_other_module_d
     inside = closure_names(stage, project) - set(NOT_CODE_OF_A_STAGE)  # the schema acts through the config slice
     every = {file.relative_to(project).as_posix() for package in PACKAGES for file in (project / package).rglob("*.py")}
     assert inside < every
+    before = stage_code_version(stage, project)
     for name in sorted(every):
-        before = stage_code_version(stage, project)
         touch(project / name)
-        changed = stage_code_version(stage, project) != before
-        assert changed == (name in inside), f"{stage} after editing {name}"
+        after = stage_code_version(stage, project)
+        assert (after != before) == (name in inside), f"{stage} after editing {name}"
+        before = after  # the edits pile up: each is judged against the version just before it
 
 
 def test_a_code_change_reaches_the_stages_after_it(project, monkeypatch):
