@@ -22,6 +22,8 @@ $(STAMP): pyproject.toml tools/torch_variant.py
 	@# the torch build first: left to the resolver, torch==X comes as PyPI's ~3 GB CUDA build on any machine
 	$(PYTHON) tools/torch_variant.py install --python $(PY)
 	$(PY) -m pip install --quiet -e '.[dev]'
+	@# the tokenize stage's C engine, compiled ahead (else on first use); without a C compiler, tokenize.engine=auto uses fastokens
+	@$(PY) -m gpt.native_bpe >/dev/null || echo "could not build the native tokenizer engine: tokenize.engine=auto will use fastokens"
 	@rm -f $(VENV)/.installed $(VENV)/.installed-torch-*
 	@touch $(STAMP)
 

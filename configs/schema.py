@@ -103,8 +103,9 @@ class TokenizeConfig(Section):
     val_fraction: float = Field(default=0.01, gt=0.0, lt=1.0, description="share of documents held out")
     shard_tokens: int = Field(default=100_000_000, ge=1024, description="tokens per .bin shard")
     num_workers: int = Field(default=0, ge=0, description="tokenizer processes; 0 = one per core, as many as the text pays for")
-    engine: Literal["auto", "fastokens", "tiktoken"] = Field(
-        default="auto", description="BPE engine: auto = fastokens when installed and exact on a self-check, else tiktoken. "
+    engine: Literal["auto", "native", "fastokens", "tiktoken"] = Field(
+        default="auto", description="BPE engine: auto = the first of native (C, compiled on first use), fastokens that can run "
+        "and is exact on a self-check, else tiktoken. "
         "Speed only, not part of the version: shards are byte-identical")
     verify_fraction: float = Field(
         default=0.01, ge=0.0, le=1.0, description="share of documents (seeded) re-encoded with tiktoken to check the engine; "

@@ -1,19 +1,22 @@
 """Which BPE engine encodes the tokenize stage's documents, with tiktoken as the referee.
 
-`fastokens` (a Rust BPE engine, ~8× tiktoken per core on FineWeb) runs from a GPT-2
-`tokenizer.json` written here, in memory, from the same sha256-checked `encoder.json` and
-`vocab.bpe` that tiktoken's GPT-2 is built from (gpt/encoding.py): a byte-level BPE model with
-no added tokens, so "<|endoftext|>" in a document is ordinary text, as in tiktoken's
-`encode_ordinary`. Nothing is downloaded.
+`native` is the project's own C encoder (gpt/native_bpe.py, gpt/native/gpt2_bpe.c): tiktoken's
+`encode_ordinary`, written out for GPT-2 alone, ~7× tiktoken per core and ready in milliseconds;
+it is compiled on first use and needs a C compiler. `fastokens` (a Rust BPE engine, ~8×
+tiktoken per core, but ~0.3 s to load) runs from a GPT-2 `tokenizer.json` written here, in
+memory. Both are built from the same sha256-checked `encoder.json` and `vocab.bpe` that
+tiktoken's GPT-2 is built from (gpt/encoding.py), with "<|endoftext|>" in a document as
+ordinary text, as in tiktoken's `encode_ordinary`. Nothing is downloaded.
 
 An engine is used only after it passes a self-check: a fixed battery of hard strings
 (contractions after tabs, U+180E and every other space-like character, emoji sequences,
 "<|endoftext|>" as text, long whitespace runs, all scripts and categories) whose ids must equal
-tiktoken's. `auto` takes fastokens when it is installed and passes, tiktoken otherwise (with a
-one-line warning); `fastokens` asked for by name and unusable is a one-line error. The stage
-then re-encodes a seeded sample of documents with tiktoken (`tokenize.verify_fraction`) and
-every document whose count disagrees with FineWeb's `token_count` (gpt/tokenizer.py), so a
-shard's bytes never depend on the engine: the engine is not part of the artifact's version.
+tiktoken's. `auto` takes the first of native, fastokens that can be used and passes,
+tiktoken otherwise (with a one-line warning naming why); an engine asked for by name and
+unusable is a one-line error. The stage then re-encodes a seeded sample of documents with
+tiktoken (`tokenize.verify_fraction`) and every document whose count disagrees with FineWeb's
+`token_count` (gpt/tokenizer.py), so a shard's bytes never depend on the engine: the engine is
+not part of the artifact's version.
 """
 
 from __future__ import annotations
@@ -31,10 +34,12 @@ from typing import Any
 import tiktoken
 
 from configs.errors import UserError
+from gpt import native_bpe
 from gpt.encoding import gpt2_encoding, gpt2_encoding_arguments, gpt2_file
 from gpt.tokenize_worker import ONE_CORE_ENV, fastokens_batch_encoder
 
-ENGINES = ("auto", "fastokens", "tiktoken")
+ENGINES = ("auto", "native", "fastokens", "tiktoken")
+AUTO_ORDER = ("native", "fastokens")  # what `auto` tries, fastest first, before tiktoken
 FASTOKENS_REQUIREMENT = "fastokens==0.3.5"  # the version checked against tiktoken on FineWeb, fuzzed text and every code point
 
 
@@ -43,7 +48,7 @@ class EngineError(UserError):
 
 
 class EngineFallbackWarning(UserWarning):
-    """`tokenize.engine: auto` could not use fastokens and tokenizes with tiktoken."""
+    """`tokenize.engine: auto` passed over a faster engine it could not use."""
 
 
 @dataclass(frozen=True)
@@ -53,7 +58,7 @@ class Engine:
     name: str  # "fastokens" or "tiktoken"
     version: str
     spec: dict[str, Any] = field(repr=False)  # picklable, sent to helper processes (gpt/tokenize_worker.py)
-    tokenizer: Any = field(default=None, repr=False, compare=False)  # fastokens' tokenizer, loaded in this process
+    tokenizer: Any = field(default=None, repr=False, compare=False)  # the native or fastokens tokenizer, loaded in this process
 
     @property
     def label(self) -> str:
@@ -159,6 +164,8 @@ def self_check_difference(encode_batch: Any, reference: tiktoken.Encoding | None
 @functools.cache
 def engine_spec(name: str) -> dict[str, Any]:
     """What an encoder builds the engine from (once per process; sent to each helper)."""
+    if name == "native":  # threads of this process only: no helper process runs it
+        return {"engine": "native"}
     if name == "fastokens":
         return {"engine": "fastokens", "tokenizer_json": gpt2_tokenizer_json()}
     return {"engine": "tiktoken", "arguments": gpt2_encoding_arguments()}
@@ -170,6 +177,8 @@ def planned_engine(requested: str) -> str:
     if requested in _chosen:
         return _chosen[requested]
     if requested == "auto":
+        if native_bpe.can_build():
+            return "native"
         try:
             _import_fastokens()
         except ImportError:
@@ -180,6 +189,20 @@ def planned_engine(requested: str) -> str:
 
 def tiktoken_engine() -> Engine:
     return Engine("tiktoken", tiktoken.__version__, engine_spec("tiktoken"))
+
+
+def native_engine() -> Engine:
+    """The project's C engine, compiled if it is not cached, after the self-check. EngineError if it cannot be used."""
+    try:
+        tokenizer = native_bpe.NativeBpe(native_bpe.build_library())
+    except native_bpe.NativeBuildError as error:
+        raise EngineError(str(error)) from None
+    version = native_bpe.source_digest()
+    difference = self_check_difference(tokenizer.encode_batch)
+    if difference is not None:
+        raise EngineError(f"native {version} is not exactly GPT-2 on the self-check ({difference}); "
+                          "set tokenize.engine=fastokens or tiktoken, and report it")
+    return Engine("native", version, engine_spec("native"), tokenizer)
 
 
 def fastokens_engine() -> Engine:
@@ -225,20 +248,26 @@ _chosen: dict[str, str] = {}  # tokenize.engine → the engine select_engine gav
 
 @functools.cache
 def select_engine(requested: str = "auto") -> Engine:
-    """The engine `tokenize.engine` names, checked, once per process (a loaded fastokens is
-    reused by later calls). `auto`: fastokens when it passes, else tiktoken with a warning."""
+    """The engine `tokenize.engine` names, checked, once per process (a loaded engine is
+    reused by later calls). `auto`: the first of AUTO_ORDER that passes, else tiktoken; a
+    warning names why each faster engine was passed over."""
     if requested not in ENGINES:
         raise EngineError(f"tokenize.engine is {requested!r}; use one of {', '.join(ENGINES)}")
-    if requested == "tiktoken":
-        engine = tiktoken_engine()
-    elif requested == "fastokens":
-        engine = fastokens_engine()
+    builders = {"native": native_engine, "fastokens": fastokens_engine, "tiktoken": tiktoken_engine}
+    if requested != "auto":
+        engine = builders[requested]()
     else:
-        try:
-            engine = fastokens_engine()
-        except EngineError as error:
-            warnings.warn(f"tokenize.engine=auto uses tiktoken: {error}", EngineFallbackWarning, stacklevel=2)
+        passed_over = []
+        for name in AUTO_ORDER:
+            try:
+                engine = builders[name]()
+                break
+            except EngineError as error:
+                passed_over.append(str(error))
+        else:
             engine = tiktoken_engine()
+        if passed_over:
+            warnings.warn(f"tokenize.engine=auto uses {engine.name}: {' / '.join(passed_over)}", EngineFallbackWarning, stacklevel=2)
     _chosen[requested] = engine.name
     return engine
 

@@ -2,10 +2,13 @@
 in helper processes that run this file, with the pipe protocol between them and the pool that
 shares the batches out.
 
-An encoder runs one of two engines, named by an engine spec (gpt/tokenize_engine.py builds and
-checks it): `{"engine": "tiktoken", "arguments": tiktoken.Encoding's keyword arguments}` or
-`{"engine": "fastokens", "tokenizer_json": GPT-2 as a tokenizer.json}`. Both give GPT-2's ids
-with "<|endoftext|>" in a text as ordinary text; each encoder uses one core.
+An encoder runs one of three engines, named by an engine spec (gpt/tokenize_engine.py builds and
+checks it): `{"engine": "tiktoken", "arguments": tiktoken.Encoding's keyword arguments}`,
+`{"engine": "fastokens", "tokenizer_json": GPT-2 as a tokenizer.json}` or `{"engine": "native"}`
+(the C engine of gpt/native_bpe.py, loaded in this process). All give GPT-2's ids with
+"<|endoftext|>" in a text as ordinary text; each encoder uses one core. The native engine runs
+on threads of this process only (it leaves the GIL while it encodes and starts in milliseconds);
+the others also run in helper processes.
 
 A helper runs this file as a script (`python -P gpt/tokenize_worker.py`), so this module imports
 only the standard library and the engine (no numpy, pyarrow, project package, or the caller's
@@ -132,12 +135,12 @@ def tiktoken_batch_encoder(enc: Any) -> EncodeBatch:
     return encode_batch
 
 
-def batch_encoder(spec: dict[str, Any], fastokens_tokenizer: Any = None) -> EncodeBatch:
-    """The encoder an engine spec names, built on the thread that will use it. A fastokens
-    tokenizer already loaded in this process may be passed in (it is thread-safe); tiktoken
-    gets a fresh encoding per thread (see new_encoding)."""
+def batch_encoder(spec: dict[str, Any], loaded_engine: Any = None) -> EncodeBatch:
+    """The encoder a fastokens or tiktoken spec names, built on the thread that will use it. A
+    fastokens tokenizer already loaded in this process may be passed in (it is thread-safe);
+    tiktoken gets a fresh encoding per thread (see new_encoding)."""
     if spec["engine"] == "fastokens":
-        return fastokens_batch_encoder(fastokens_tokenizer or load_fastokens(spec["tokenizer_json"]))
+        return fastokens_batch_encoder(loaded_engine or load_fastokens(spec["tokenizer_json"]))
     return tiktoken_batch_encoder(new_encoding(spec["arguments"]))
 
 
@@ -228,21 +231,24 @@ def _read_exactly(stream: Any, size: int, end_ok: bool = False) -> bytes | None:
 
 
 class InProcessEncoder:
-    """Encodes batches in this process, on the one thread that calls it (fastokens and
-    tiktoken release the GIL while they encode). A fastokens tokenizer already loaded here is
-    reused; a tiktoken encoding is the encoder's own: tiktoken's regex runs ~1.5× slower on any
-    thread but the first to use an encoding, and the caller's thread may have used a shared one first."""
+    """Encodes batches in this process, on the one thread that calls it (the engines release
+    the GIL while they encode). A native or fastokens tokenizer already loaded here is reused
+    (both are thread-safe); a tiktoken encoding is the encoder's own: tiktoken's regex runs ~1.5×
+    slower on any thread but the first to use an encoding, and the caller's thread may have used
+    a shared one first."""
 
-    def __init__(self, spec: dict[str, Any], fastokens_tokenizer: Any = None) -> None:
-        self.spec, self.fastokens_tokenizer = spec, fastokens_tokenizer
+    def __init__(self, spec: dict[str, Any], loaded_engine: Any = None) -> None:
+        self.spec, self.loaded_engine = spec, loaded_engine
         self.encode_batch: EncodeBatch | None = None
 
     def prepare(self) -> None:
         """Build the engine's encoder, on the thread that will use it."""
-        if self.encode_batch is None:
-            self.encode_batch = batch_encoder(self.spec, self.fastokens_tokenizer)
+        if self.encode_batch is None and self.spec["engine"] != "native":
+            self.encode_batch = batch_encoder(self.spec, self.loaded_engine)
 
     def __call__(self, batch: Batch) -> Encoded:
+        if self.spec["engine"] == "native":  # raw UTF-8 straight to C, checked and repaired there
+            return Encoded(*self.loaded_engine.encode_spans(batch.data, batch.starts, batch.ends))
         self.prepare()
         return encode_texts(self.encode_batch, memoryview(batch.data), _int64s(batch.starts), _int64s(batch.ends))
 
@@ -323,6 +329,8 @@ class EncoderPool:
 
     def _start_helpers(self, spec: dict[str, Any]) -> None:
         self.spec, self.pending, self.start_failures = spec, queue.SimpleQueue(), []
+        if spec["engine"] == "native":  # its encoders are threads of this process, added by encoded_in_order
+            return
         for _ in range(self.num_workers - 1):
             self._serve_on_a_thread(HelperProcess(spec))
 
@@ -344,11 +352,14 @@ class EncoderPool:
             self._start_helpers(spec)
 
     def encoded_in_order(self, batches: Iterator[Batch], finish: Callable[[Batch, Encoded], Result],
-                         fastokens_tokenizer: Any = None) -> Iterator[Result]:
+                         loaded_engine: Any = None) -> Iterator[Result]:
         """finish(batch, its encoding) for each batch, in batch order; `finish` runs on the
         encoder's thread. At most JOBS_IN_FLIGHT_PER_WORKER batches per worker are in flight,
-        so memory does not grow with the input. `fastokens_tokenizer`: one already loaded here."""
-        self._serve_on_a_thread(InProcessEncoder(self.spec, fastokens_tokenizer))
+        so memory does not grow with the input. `loaded_engine`: the native or fastokens
+        tokenizer already loaded here (the native engine's encoders are num_workers threads)."""
+        in_process = self.num_workers if self.spec["engine"] == "native" else 1
+        for _ in range(in_process):
+            self._serve_on_a_thread(InProcessEncoder(self.spec, loaded_engine))
         window: deque[Future] = deque()
         finished = False
         try:

@@ -36,7 +36,7 @@ def write_shard(path: str | os.PathLike, tokens: np.ndarray) -> None:
     header[0], header[1], header[2] = MAGIC, VERSION, tokens.size
     with atomic_file(Path(path)) as tmp, open(tmp, "wb") as handle:
         handle.write(header.tobytes())
-        handle.write(tokens.astype(TOKEN_DTYPE, copy=False).tobytes())
+        handle.write(memoryview(np.ascontiguousarray(tokens, dtype=TOKEN_DTYPE)))  # no copy when already uint16
 
 
 class ShardWriter:

@@ -1,6 +1,7 @@
-"""The tokenize stage's BPE engines: fastokens exactly GPT-2 (tiktoken referees it), shards
-byte-identical whichever engine or worker count made them, `auto` falling back to tiktoken,
-and a wrong engine caught by the self-check, by `verify_fraction` and by FineWeb's counts.
+"""The tokenize stage's BPE engines: fastokens exactly GPT-2 (tiktoken referees it; the native
+engine's own exactness is tests/test_native_bpe.py), shards byte-identical whichever engine or
+worker count made them, `auto` falling back to tiktoken, and a wrong engine caught by the
+self-check, by `verify_fraction` and by FineWeb's counts.
 
 A wrong engine is made by fault injection: the real fastokens, wrapped so that it changes the
 ids of some texts, handed to the stage through the loader the engine module imports it with.
@@ -60,6 +61,13 @@ def adversarial_texts(count: int, seed: int = 0) -> list[str]:
             parts = [document[max(0, cut - 300) : cut], *parts, document[cut : cut + 300]]
         texts.append("".join(parts))
     return texts
+
+
+@pytest.fixture
+def no_native(tmp_path, monkeypatch):
+    """No C engine here: no compiler, and an empty library cache."""
+    monkeypatch.setenv("FINEWEB_NATIVE_CACHE", str(tmp_path / "native-cache"))
+    monkeypatch.setenv("CC", "no-such-compiler")
 
 
 @pytest.fixture
@@ -135,7 +143,7 @@ def test_fastokens_is_exactly_tiktoken_on_adversarial_text_and_every_code_point(
 
 def _tokenize_everywhere(path: Path, out: Path, max_rows: int | None = None) -> dict[str, dict[str, bytes]]:
     outputs = {}
-    for engine, workers in (("tiktoken", 1), ("fastokens", 1), ("fastokens", 2)):
+    for engine, workers in (("tiktoken", 1), ("native", 1), ("native", 2), ("fastokens", 1), ("fastokens", 2)):
         folder = out / f"{engine}-{workers}"
         config = TokenizeConfig(engine=engine, num_workers=workers, val_fraction=0.05, shard_tokens=1 << 16, verify_fraction=0.05)
         manifest = tokenize_parquet([path], folder, config, max_rows=max_rows)
@@ -177,12 +185,12 @@ def test_same_shards_on_adversarial_text_with_invalid_utf8(tmp_path, monkeypatch
 # ---------------------------------------------------------------------------------------
 
 
-def test_auto_falls_back_to_tiktoken_when_fastokens_is_missing(tmp_path, monkeypatch, fresh_engines):
+def test_auto_falls_back_to_tiktoken_when_fastokens_is_missing(tmp_path, monkeypatch, no_native, fresh_engines):
     def missing():
         raise ImportError("No module named 'fastokens'")
 
     monkeypatch.setattr(tokenize_engine, "_import_fastokens", missing)
-    with pytest.warns(EngineFallbackWarning, match=r"tokenize.engine=auto uses tiktoken: fastokens is not installed"):
+    with pytest.warns(EngineFallbackWarning, match=r"tokenize.engine=auto uses tiktoken: no C compiler .* / fastokens is not installed"):
         assert select_engine("auto").name == "tiktoken"
     with pytest.raises(EngineError) as error:
         select_engine("fastokens")
@@ -195,7 +203,7 @@ def test_auto_falls_back_to_tiktoken_when_fastokens_is_missing(tmp_path, monkeyp
     assert manifest["engine"].startswith("tiktoken ") and manifest["verified_documents"] == 0
 
 
-def test_an_engine_that_fails_the_self_check_is_refused(tmp_path, monkeypatch, fresh_engines):
+def test_an_engine_that_fails_the_self_check_is_refused(tmp_path, monkeypatch, no_native, fresh_engines):
     _inject(monkeypatch, lambda text, ids: [ids[0] + 1, *ids[1:]] if "\u180e" in text else ids)
     with pytest.raises(EngineError, match=r"fastokens 0\.3\.5 is not exactly GPT-2 on the self-check \(.*where tiktoken has") as error:
         select_engine("fastokens")

@@ -195,7 +195,7 @@ def test_parallel_tokenizing_from_a_thread_and_from_a_script_without_main_guard(
     result = {}
 
     def run():
-        config = TokenizeConfig(val_fraction=0.1, shard_tokens=2048, num_workers=2)
+        config = TokenizeConfig(val_fraction=0.1, shard_tokens=2048, num_workers=2, engine="fastokens")  # an engine with helpers
         result["manifest"] = tokenize_parquet([path], tmp_path / "from-thread", config)
 
     thread = threading.Thread(target=run)
@@ -210,7 +210,7 @@ def test_parallel_tokenizing_from_a_thread_and_from_a_script_without_main_guard(
         "from configs.schema import TokenizeConfig\n"
         "from gpt.tokenizer import tokenize_parquet\n"
         "print('top level ran')\n"
-        "config = TokenizeConfig(val_fraction=0.1, shard_tokens=2048, num_workers=3)\n"
+        "config = TokenizeConfig(val_fraction=0.1, shard_tokens=2048, num_workers=3, engine='fastokens')\n"
         "manifest = tokenize_parquet([Path(sys.argv[1])], Path(sys.argv[2]), config)\n"
         "print(sum(manifest['documents'].values()))\n"
     )
@@ -235,7 +235,7 @@ def test_a_failing_helper_process_is_a_one_line_error_and_leaves_no_shards(tmp_p
     monkeypatch.setattr(tokenize_worker.InProcessEncoder, "__call__", lambda self, batch: (time.sleep(0.02), encode(self, batch))[1])
     path = _write(tmp_path / "docs.parquet", _texts(400, seed=6))
     with pytest.raises(TokenizerCrashed, match=r"tokenizer worker process \d+ exited with code 1: the helper broke") as error:
-        tokenize_parquet([path], tmp_path / "out", TokenizeConfig(val_fraction=0.1, shard_tokens=1024, num_workers=2))
+        tokenize_parquet([path], tmp_path / "out", TokenizeConfig(val_fraction=0.1, shard_tokens=1024, num_workers=2, engine="fastokens"))
     assert "\n" not in str(error.value)
     assert not list((tmp_path / "out").iterdir())
 
@@ -250,7 +250,7 @@ def test_null_empty_and_invalid_utf8_rows_are_counted_not_fatal(tmp_path, monkey
     path = tmp_path / "messy.parquet"
     pq.write_table(pa.table({"text": text, "token_count": pa.array(counts, pa.int64())}), path)
 
-    config = TokenizeConfig(val_fraction=0.3, shard_tokens=1024, num_workers=workers)
+    config = TokenizeConfig(val_fraction=0.3, shard_tokens=1024, num_workers=workers, engine="fastokens")  # native: test_tokenize_engine
     manifest = tokenize_parquet([path], tmp_path / "out", config)
     assert manifest["skipped_empty_documents"] == 2
     assert manifest["invalid_utf8_documents"] == 2

@@ -1,0 +1,132 @@
+"""The native C engine (gpt/native_bpe.py): exactly tiktoken's GPT-2 ids on FineWeb, fuzzed
+text and every code point in several contexts; invalid UTF-8 judged as Python judges it and
+repaired as the other engines repair it; one table shared by threads; the library built once
+per source and a missing compiler reported in one line, with `auto` moving on."""
+
+import random
+import threading
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from gpt import native_bpe
+from gpt.encoding import gpt2_encoding
+from gpt.tokenize_engine import EngineError, EngineFallbackWarning, forget_engines, select_engine
+from tests.test_tokenize_engine import SAMPLE, adversarial_texts
+
+
+@pytest.fixture(scope="module")
+def native():
+    return native_bpe.NativeBpe(native_bpe.build_library())
+
+
+def _differing(native, texts: list[str]) -> list[str]:
+    tokens, lengths = native.encode_batch(texts)
+    ends = np.cumsum(lengths, dtype=np.int64)
+    expected = gpt2_encoding().encode_ordinary_batch(texts, num_threads=2)
+    return [text for text, end, length, want in zip(texts, ends, lengths, expected) if tokens[end - length : end].tolist() != want]
+
+
+@pytest.mark.skipif(not SAMPLE.exists(), reason="../shared FineWeb sample not present")
+def test_exactly_tiktoken_on_the_fineweb_sample(native):
+    texts = pq.read_table(SAMPLE, columns=["text"])["text"].to_pylist()
+    assert len(texts) == 2800 and not _differing(native, texts)
+
+
+def test_exactly_tiktoken_on_adversarial_text_and_every_code_point_in_context(native):
+    everything = [chr(c) for c in range(0x110000) if not 0xD800 <= c <= 0xDFFF]
+    texts = adversarial_texts(3000, seed=2)
+    texts += ["".join(everything[i : i + 64]) for i in range(0, len(everything), 64)]  # every code point, in runs
+    # every code point in each context: between letters, doubled before a contraction, after a tab, a digit, an
+    # "other" character (whose run swallows an apostrophe), a space
+    for context in ("a{c}b ", " {c}{c}'s", "\t{c} x", "1{c}\n", "!{c}'ll", " {c}1"):
+        texts += ["".join(context.format(c=c) for c in everything[i : i + 256]) for i in range(0, len(everything), 256)]
+    differing = _differing(native, texts)
+    assert not differing, f"{len(differing)} of {len(texts)} differ, first {differing[0][:60]!r}"
+
+
+def test_long_pieces_and_empty_texts(native):
+    texts = ["", "a" * 5000, " " * 4000 + "x", "🙂" * 3000, "1" * 999, "\n" * 7 + "'s" * 500, "x"]
+    assert not _differing(native, texts)
+    tokens, lengths = native.encode_batch(texts)
+    assert lengths[0] == 0 and lengths.sum() == len(tokens)
+
+
+def test_invalid_utf8_is_judged_as_python_judges_it_and_repaired(native):
+    rng = random.Random(5)
+    pieces = [b"\xed\xa0\x80", b"\xc0\xaf", b"\xe0\x80\xaf", b"\xf4\x90\x80\x80", b"\xf0\x8f\xbf\xbf", b"\xc2", b"\xe2\x82",
+              b"\xff", b"\x80", b"\xef\xbf\xbd", b"\xf0\x9f\x98\x80", b"\xe2\x82\xac", b"plain 's ", b"\t", "é".encode()]
+    texts = [b"".join(rng.choice(pieces) for _ in range(rng.randint(1, 12))) for _ in range(3000)]
+    data = b"".join(texts)
+    ends = np.cumsum([len(t) for t in texts], dtype=np.int64)
+    lengths, sizes, invalid, tokens = native.encode_spans(data, ends - [len(t) for t in texts], ends)
+
+    def is_valid(raw: bytes) -> bool:
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return False
+        return True
+
+    assert invalid.tolist() == [0 if is_valid(t) else 1 for t in texts] and 0 < invalid.sum() < len(texts)
+    repaired = [t.decode("utf-8", "replace") for t in texts]
+    assert sizes.tolist() == [len(r.encode()) for r in repaired]
+    expected = gpt2_encoding().encode_ordinary_batch(repaired)
+    offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+    assert [tokens[offsets[i] : offsets[i + 1]].tolist() for i in range(len(texts))] == expected
+
+
+def test_threads_share_one_table(native):
+    texts = adversarial_texts(400, seed=3)
+    alone = [t.tolist() for t in native.encode_batch(texts)]
+    results = [None] * 4
+
+    def encode(k):
+        results[k] = [t.tolist() for t in native.encode_batch(texts)]
+
+    threads = [threading.Thread(target=encode, args=(k,)) for k in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == [alone] * 4
+
+
+def test_the_library_is_built_once_per_source_and_reused(tmp_path, monkeypatch):
+    monkeypatch.setenv("FINEWEB_NATIVE_CACHE", str(tmp_path))
+    built = native_bpe.build_library()
+    assert built.parent == tmp_path and native_bpe.source_digest() in built.name
+    mtime = built.stat().st_mtime_ns
+    assert native_bpe.build_library() == built and built.stat().st_mtime_ns == mtime
+    assert [p.name for p in tmp_path.iterdir()] == [built.name]  # no partial file left behind
+
+
+def test_a_missing_or_failing_compiler_is_one_line_and_auto_moves_on(tmp_path, monkeypatch):
+    monkeypatch.setenv("FINEWEB_NATIVE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CC", "no-such-compiler")
+    with pytest.raises(native_bpe.NativeBuildError, match="no C compiler .*install one .*tokenize.engine=fastokens or tiktoken") as error:
+        native_bpe.build_library()
+    assert "\n" not in str(error.value)
+    monkeypatch.setenv("CC", "false")  # a compiler that fails
+    with pytest.raises(native_bpe.NativeBuildError, match="could not compile gpt2_bpe.c") as error:
+        native_bpe.build_library()
+    assert "\n" not in str(error.value) and not list((tmp_path / "cache").iterdir())
+
+    forget_engines()
+    try:
+        with pytest.raises(EngineError, match="could not compile"):
+            select_engine("native")
+        with pytest.warns(EngineFallbackWarning, match=r"tokenize.engine=auto uses fastokens: false could not compile"):
+            assert select_engine("auto").name == "fastokens"
+    finally:
+        forget_engines()
+
+
+def test_auto_chooses_native_and_records_its_source(tmp_path):
+    forget_engines()
+    try:
+        engine = select_engine("auto")
+    finally:
+        forget_engines()
+    assert (engine.name, engine.version) == ("native", native_bpe.source_digest()) and engine.label.startswith("native ")
