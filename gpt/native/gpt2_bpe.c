@@ -44,29 +44,36 @@ typedef struct {
     uint64_t *starts;            /* token t is bytes[starts[t]:starts[t + 1]] */
 } Gpt2Bpe;
 
+static inline uint64_t load64(const uint8_t *p) {
+    uint64_t v;
+    memcpy(&v, p, 8);
+    return v;
+}
+
+static inline uint64_t load32(const uint8_t *p) {
+    uint32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+/* A word that, with the size, determines the first 8 bytes of p[0:size] (all of them when
+ * size <= 8), read without touching a byte past the end. */
+static inline uint64_t head_of(const uint8_t *p, size_t size) {
+    if (size >= 8) return load64(p);
+    if (size >= 4) return load32(p) | (load32(p + size - 4) << 32); /* overlapping reads */
+    return p[0] | ((uint64_t)p[size >> 1] << 8) | ((uint64_t)p[size - 1] << 16);
+}
+
 static inline uint64_t hash_bytes(const uint8_t *p, size_t size) {
-    uint64_t h = 0xcbf29ce484222325ull ^ size;
-    while (size >= 8) {
-        uint64_t word;
-        memcpy(&word, p, 8);
-        h = (h ^ word) * 0x100000001b3ull;
-        h ^= h >> 29;
-        p += 8;
-        size -= 8;
+    uint64_t h = head_of(p, size) ^ (size * 0x9E3779B97F4A7C15ull);
+    if (size > 8) {
+        for (size_t i = 8; i + 8 < size; i += 8) h = (h ^ load64(p + i)) * 0x100000001b3ull;
+        h ^= load64(p + size - 8) * 0xc2b2ae3d27d4eb4full;
     }
-    uint64_t tail = 0;
-    memcpy(&tail, p, size);
-    h ^= tail; /* murmur3's finaliser: every input bit reaches the top bits */
-    h ^= h >> 33; h *= 0xff51afd7ed558ccdull;
+    h ^= h >> 33; h *= 0xff51afd7ed558ccdull; /* murmur3's finaliser: every input bit reaches the top bits */
     h ^= h >> 33; h *= 0xc4ceb9fe1a85ec53ull;
     h ^= h >> 33;
     return h;
-}
-
-static inline uint64_t head_of(const uint8_t *p, size_t size) {
-    uint64_t head = 0;
-    memcpy(&head, p, size < 8 ? size : 8);
-    return head;
 }
 
 static inline uint8_t tag_of(uint64_t h) {
@@ -212,6 +219,10 @@ static inline int class_at(const Gpt2Bpe *b, const uint8_t *s, size_t i, size_t 
 static int valid_utf8(const uint8_t *s, size_t n) {
     size_t i = 0;
     while (i < n) {
+        if (i + 8 <= n && (load64(s + i) & 0x8080808080808080ull) == 0) { /* eight ASCII bytes */
+            i += 8;
+            continue;
+        }
         uint8_t c = s[i];
         if (c < 0x80) {
             i++;
