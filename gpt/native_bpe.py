@@ -6,7 +6,7 @@ folder (`$FINEWEB_NATIVE_CACHE`, else ~/.cache/fineweb-pretrain/native) under a 
 its sources and flags, so an edited source is rebuilt and two processes building at once cannot
 clash; `make venv` builds it ahead (`python -m gpt.native_bpe`). ctypes releases the GIL for
 each call, so threads of one process encode in parallel with one shared, read-only table. The
-vocabulary is the checked GPT-2 tokens tiktoken's ranks come from (gpt/encoding.py), handed to C at load.
+vocabulary is the checked `encoder.json` tiktoken's GPT-2 ranks come from (gpt/encoding.py), read by C.
 
     python -m gpt.native_bpe    # build (if needed) and print the library's path
 """
@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from configs.errors import UserError
-from gpt.encoding import gpt2_token_bytes
+from gpt.encoding import EOT, gpt2_file
 
 SOURCE_DIR = Path(__file__).resolve().parent / "native"
 SOURCES = (SOURCE_DIR / "gpt2_bpe.c", SOURCE_DIR / "unicode_classes.h")
@@ -107,16 +107,26 @@ class NativeBpe:
             self.lib = ctypes.CDLL(str(library))
         except OSError as error:
             raise NativeBuildError(f"cannot load {library} ({error}); delete it to rebuild, or set tokenize.engine=fastokens or tiktoken") from None
-        self.lib.gpt2_bpe_new.restype = ctypes.c_void_p
-        self.lib.gpt2_bpe_new.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint32]
+        self.lib.gpt2_bpe_new_from_encoder_json.restype = ctypes.c_void_p
+        self.lib.gpt2_bpe_new_from_encoder_json.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint32]
+        self.lib.gpt2_bpe_token.restype = ctypes.c_size_t
+        self.lib.gpt2_bpe_token.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.POINTER(ctypes.c_void_p)]
         self.lib.gpt2_bpe_free.argtypes = [ctypes.c_void_p]
         self.lib.gpt2_bpe_encode_batch.restype = ctypes.c_size_t
         self.lib.gpt2_bpe_encode_batch.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_size_t] + [ctypes.c_void_p] * 3
-        data, starts = gpt2_token_bytes()  # token i (= rank i) is data[starts[i]:starts[i + 1]]
-        starts = np.array(starts, np.uint64)  # held in a name: C reads it during the call
-        self.table = self.lib.gpt2_bpe_new(data, starts.ctypes.data, len(starts) - 1)
+        # C reads the checked encoder.json itself, without the GIL: Python's json and byte decoding
+        # take ~0.03 s of it, which the stage's parquet reading is waiting for at start
+        vocabulary = gpt2_file("encoder.json")
+        self.table = self.lib.gpt2_bpe_new_from_encoder_json(vocabulary, len(vocabulary), EOT)
         if not self.table:
-            raise MemoryError("the C engine could not allocate its vocabulary table")
+            raise NativeBuildError("the C engine could not read GPT-2's encoder.json (or ran out of memory); "
+                                   "set tokenize.engine=fastokens or tiktoken, and report it")
+
+    def token_bytes(self, rank: int) -> bytes:
+        """The bytes of token `rank` in the C table (for tests)."""
+        where = ctypes.c_void_p()
+        size = self.lib.gpt2_bpe_token(self.table, rank, ctypes.byref(where))
+        return ctypes.string_at(where, size)
 
     def close(self) -> None:
         if self.table:

@@ -28,6 +28,7 @@ import os
 import threading
 import warnings
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -47,6 +48,10 @@ class EngineError(UserError):
     """The engine asked for cannot be used; the message is one line naming the fix."""
 
 
+class SelfCheckFailure(EngineError):
+    """An engine's ids differ from tiktoken's on the self-check; the message is one line."""
+
+
 class EngineFallbackWarning(UserWarning):
     """`tokenize.engine: auto` passed over a faster engine it could not use."""
 
@@ -59,10 +64,16 @@ class Engine:
     version: str
     spec: dict[str, Any] = field(repr=False)  # picklable, sent to helper processes (gpt/tokenize_worker.py)
     tokenizer: Any = field(default=None, repr=False, compare=False)  # the native or fastokens tokenizer, loaded in this process
+    deferred_check: Callable[[], None] | None = field(default=None, repr=False, compare=False)  # select_engine's check_later
 
     @property
     def label(self) -> str:
         return f"{self.name} {self.version}"
+
+    def self_check(self) -> None:
+        """Run the self-check left for later, if any; SelfCheckFailure if the engine fails it."""
+        if self.deferred_check is not None:
+            self.deferred_check()
 
 
 def referee() -> tiktoken.Encoding:
@@ -177,7 +188,7 @@ def planned_engine(requested: str) -> str:
     if requested in _chosen:
         return _chosen[requested]
     if requested == "auto":
-        if native_bpe.can_build():
+        if native_bpe.can_build() and "native" not in _refused:
             return "native"
         try:
             _import_fastokens()
@@ -191,18 +202,28 @@ def tiktoken_engine() -> Engine:
     return Engine("tiktoken", tiktoken.__version__, engine_spec("tiktoken"))
 
 
-def native_engine() -> Engine:
-    """The project's C engine, compiled if it is not cached, after the self-check. EngineError if it cannot be used."""
+def native_engine(check_later: bool = False) -> Engine:
+    """The project's C engine, compiled if it is not cached, and self-checked. EngineError if it
+    cannot be used. With `check_later` it is returned at once (~5 ms) with its self-check left
+    for the caller to run (`Engine.self_check`, SelfCheckFailure if it fails): the check needs
+    tiktoken, whose start takes ~0.05 s and holds the GIL, so the stage runs it beside its
+    encoders and fails, removing its shards, if it fails."""
     try:
         tokenizer = native_bpe.NativeBpe(native_bpe.build_library())
     except native_bpe.NativeBuildError as error:
         raise EngineError(str(error)) from None
     version = native_bpe.source_digest()
-    difference = self_check_difference(tokenizer.encode_batch)
-    if difference is not None:
-        raise EngineError(f"native {version} is not exactly GPT-2 on the self-check ({difference}); "
-                          "set tokenize.engine=fastokens or tiktoken, and report it")
-    return Engine("native", version, engine_spec("native"), tokenizer)
+
+    def self_check() -> None:
+        difference = self_check_difference(tokenizer.encode_batch)
+        if difference is not None:
+            _refused["native"] = (f"native {version} is not exactly GPT-2 on the self-check ({difference}); "
+                                  "set tokenize.engine=fastokens or tiktoken, and report it")
+            raise SelfCheckFailure(_refused["native"])
+
+    if not check_later:
+        self_check()
+    return Engine("native", version, engine_spec("native"), tokenizer, self_check if check_later else None)
 
 
 def fastokens_engine() -> Engine:
@@ -244,21 +265,27 @@ def fastokens_engine() -> Engine:
 
 
 _chosen: dict[str, str] = {}  # tokenize.engine → the engine select_engine gave for it in this process
+_refused: dict[str, str] = {}  # engine → why it failed a self-check that ran while it encoded: `auto` passes it over
 
 
 @functools.cache
-def select_engine(requested: str = "auto") -> Engine:
+def select_engine(requested: str = "auto", check_later: bool = False) -> Engine:
     """The engine `tokenize.engine` names, checked, once per process (a loaded engine is
     reused by later calls). `auto`: the first of AUTO_ORDER that passes, else tiktoken; a
-    warning names why each faster engine was passed over."""
+    warning names why each faster engine was passed over. `check_later`: the native engine
+    is returned before its self-check (see native_engine); the caller runs `Engine.self_check`."""
     if requested not in ENGINES:
         raise EngineError(f"tokenize.engine is {requested!r}; use one of {', '.join(ENGINES)}")
-    builders = {"native": native_engine, "fastokens": fastokens_engine, "tiktoken": tiktoken_engine}
+    builders = {"native": functools.partial(native_engine, check_later), "fastokens": fastokens_engine,
+                "tiktoken": tiktoken_engine}
     if requested != "auto":
         engine = builders[requested]()
     else:
         passed_over = []
         for name in AUTO_ORDER:
+            if name in _refused:
+                passed_over.append(_refused[name])
+                continue
             try:
                 engine = builders[name]()
                 break
@@ -272,7 +299,13 @@ def select_engine(requested: str = "auto") -> Engine:
     return engine
 
 
-def forget_engines() -> None:
-    """Choose again on the next call (for tests that change what is installed)."""
+def choose_again() -> None:
+    """Choose on the next call as if for the first time, but for engines refused after a late self-check."""
     select_engine.cache_clear()
     _chosen.clear()
+
+
+def forget_engines() -> None:
+    """Choose again on the next call, refused engines included (for tests that change what is installed)."""
+    choose_again()
+    _refused.clear()

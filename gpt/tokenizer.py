@@ -18,6 +18,8 @@ import contextlib
 import hashlib
 import itertools
 import os
+import queue
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -31,7 +33,8 @@ import pyarrow.parquet as pq
 
 from configs.errors import TransientError, UserError
 from gpt.encoding import EOT
-from gpt.tokenize_engine import Engine, engine_spec, planned_engine, referee, referee_label, select_engine
+from gpt.tokenize_engine import (Engine, SelfCheckFailure, choose_again, engine_spec, planned_engine, referee, referee_label,
+                                 select_engine)
 from gpt.tokenize_worker import Encoded, EncoderFailed, EncoderPool
 from storage.shards import ShardWriter
 
@@ -106,7 +109,6 @@ class _Tokenized:
     invalid_utf8: int
     token_count_mismatches: int  # documents whose count differs from FineWeb's (after any re-encoding)
     token_count_reencoded: int  # documents the engine counted differently from FineWeb, re-encoded with tiktoken
-    verified: int  # documents re-encoded with tiktoken and found identical
 
 
 def _text(job: _Job, i: int) -> str:
@@ -114,22 +116,78 @@ def _text(job: _Job, i: int) -> str:
     return str(memoryview(job.data)[int(job.starts[i]) : int(job.ends[i])], "utf-8", "replace")
 
 
-def _verify_sample(job: _Job, key: str, ids: np.ndarray, offsets: np.ndarray, config: TokenizeConfig, engine: Engine,
-                   path: Path) -> int:
-    """Re-encode the job's sampled documents with tiktoken; EngineMismatch, naming the first
-    that differs, if any does. Returns how many were checked."""
-    checked = 0
-    for i, row in enumerate(job.rows.tolist()):
-        if is_verified_document(config.seed, key, row, config.verify_fraction):
-            got, expected = ids[offsets[i] : offsets[i + 1]].tolist(), referee().encode_ordinary(_text(job, i))
+@dataclass
+class _Sampled:
+    """Documents of one job drawn for tiktoken to re-encode (tokenize.verify_fraction): their
+    rows, texts and the engine's ids, copied out of the job so it can be freed."""
+
+    file_index: int
+    rows: list[int]
+    texts: list[str]
+    ids: list[np.ndarray]
+
+
+def _sample(job: _Job, key: str, ids: np.ndarray, offsets: np.ndarray, config: TokenizeConfig) -> _Sampled | None:
+    drawn = [i for i, row in enumerate(job.rows.tolist()) if is_verified_document(config.seed, key, row, config.verify_fraction)]
+    if not drawn:
+        return None
+    return _Sampled(job.file_index, [int(job.rows[i]) for i in drawn], [_text(job, i) for i in drawn],
+                    [ids[offsets[i] : offsets[i + 1]].copy() for i in drawn])
+
+
+class _RefereeThread:
+    """tiktoken's checks of a faster engine, on a thread of their own: the engine's deferred
+    self-check first, then the sampled documents as the encoders hand them over. It starts once
+    the encoders have their first batches (`start`): tiktoken's start holds the GIL for ~0.05 s,
+    which would keep this process from handing them out, while the engines encode without
+    the GIL. The encoders never wait for it; the stage waits for it before it returns, so a
+    failure fails the run and its shards are removed."""
+
+    def __init__(self, engine: Engine, files: list[Path]) -> None:
+        self.engine, self.files = engine, files
+        self.pending: queue.SimpleQueue = queue.SimpleQueue()
+        self.verified = 0
+        self.failure: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="tokenize-referee", daemon=True)
+
+    def start(self) -> None:
+        if not self.thread.is_alive() and self.thread.ident is None:
+            self.thread.start()
+
+    def submit(self, sampled: _Sampled) -> None:
+        if self.failure is not None:  # fail fast: the encoders stop at their next batch
+            raise self.failure
+        self.pending.put(sampled)
+
+    def _run(self) -> None:
+        try:
+            self.engine.self_check()
+            while (sampled := self.pending.get()) is not None:
+                self._verify(sampled)
+        except BaseException as error:  # handed to the stage, which fails
+            self.failure = error
+
+    def _verify(self, sampled: _Sampled) -> None:
+        encoding = referee()
+        for row, text, ids in zip(sampled.rows, sampled.texts, sampled.ids):
+            got, expected = ids.tolist(), encoding.encode_ordinary(text)
             if got != expected:
                 at = next((k for k, (a, b) in enumerate(zip(got, expected)) if a != b), min(len(got), len(expected)))
                 raise EngineMismatch(
-                    f"{engine.label} and the referee {referee_label()} differ on row {row} of {path} (token {at}: "
-                    f"{got[at:at + 1]} vs {expected[at:at + 1]}, {len(got)} vs {len(expected)} tokens); set tokenize.engine=tiktoken"
+                    f"{self.engine.label} and the referee {referee_label()} differ on row {row} of {self.files[sampled.file_index]} "
+                    f"(token {at}: {got[at:at + 1]} vs {expected[at:at + 1]}, {len(got)} vs {len(expected)} tokens); "
+                    "set tokenize.engine=tiktoken"
                 )
-            checked += 1
-    return checked
+            self.verified += 1
+
+    def close(self) -> int:
+        """Wait for every check; the number of documents verified, or the first failure raised."""
+        self.start()
+        self.pending.put(None)
+        self.thread.join()
+        if self.failure is not None:
+            raise self.failure
+        return self.verified
 
 
 def _reencoded(job: _Job, ids: np.ndarray, lengths: np.ndarray, differing: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -141,19 +199,19 @@ def _reencoded(job: _Job, ids: np.ndarray, lengths: np.ndarray, differing: np.nd
     return np.concatenate(documents), np.array([len(document) for document in documents], np.int64)
 
 
-def _finisher(config: TokenizeConfig, engine: Engine, files: list[Path], file_keys: list[str]) -> Callable[[_Job, Encoded], _Tokenized]:
+def _finisher(config: TokenizeConfig, engine: Engine, checks: _RefereeThread | None,
+              file_keys: list[str]) -> Callable[[_Job, Encoded], _Tokenized]:
     """What an encoder's thread does with its answer: tiktoken's checks of the engine (none
-    when the engine is tiktoken, the referee itself), EOTs, the split."""
-    refereed = engine.name != "tiktoken"
+    when the engine is tiktoken, the referee itself: `checks` is None), EOTs, the split."""
+    refereed = checks is not None
 
     def finish(job: _Job, encoded: Encoded) -> _Tokenized:
         key = file_keys[job.file_index]
         lengths = np.frombuffer(encoded.lengths, np.uint32).astype(np.int64)
         ids = np.frombuffer(encoded.tokens, np.uint32)
-        verified = mismatches = reencoded = 0
-        if refereed and config.verify_fraction > 0:
-            offsets = np.concatenate([[0], np.cumsum(lengths)])
-            verified = _verify_sample(job, key, ids, offsets, config, engine, files[job.file_index])
+        mismatches = reencoded = 0
+        if refereed and config.verify_fraction > 0 and (sampled := _sample(job, key, ids, np.concatenate([[0], np.cumsum(lengths)]), config)):
+            checks.submit(sampled)
         if job.token_counts is not None:  # FineWeb's own GPT-2 counts: a document the engine counts otherwise is re-encoded
             known = job.token_counts >= 0
             differing = np.flatnonzero(known & (job.token_counts != lengths))
@@ -176,7 +234,6 @@ def _finisher(config: TokenizeConfig, engine: Engine, files: list[Path], file_ke
             invalid_utf8=int(np.count_nonzero(np.frombuffer(encoded.invalid, np.uint8))),
             token_count_mismatches=mismatches,
             token_count_reencoded=reencoded,
-            verified=verified,
         )
 
     return finish
@@ -254,7 +311,7 @@ def _jobs(files: list[Path], schemas: list[pa.Schema], text_column: str, max_row
         columns = [text_column] + ([TOKEN_COUNT_COLUMN] if _has_token_counts(schema) else [])
         first_row = 0
         with pq.ParquetFile(path) as parquet:
-            for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=columns):
+            for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=columns, use_threads=False):  # one column: Arrow's pool only adds its start (~0.05 s)
                 if remaining is not None:
                     if remaining == 0:
                         return
@@ -302,7 +359,6 @@ def _write(result: _Tokenized, writers: dict[str, ShardWriter], totals: _Totals)
     totals.invalid += result.invalid_utf8
     totals.mismatches += result.token_count_mismatches
     totals.reencoded += result.token_count_reencoded
-    totals.verified += result.verified
 
 
 def _cpu_count() -> int:
@@ -364,6 +420,18 @@ def tokenize_parquet(
     core, as many as the text pays for: see TEXT_BYTES_PER_HELPER); config.engine is the BPE
     engine (gpt/tokenize_engine.py). The output depends on neither.
     """
+    try:
+        return _tokenize_parquet(files, out_dir, config, text_column, max_rows, progress, file_keys, require_both_splits)
+    except SelfCheckFailure:  # late, so nothing was written: `auto` runs again with the next engine, after a warning
+        if config.engine != "auto":
+            raise
+        choose_again()
+        return _tokenize_parquet(files, out_dir, config, text_column, max_rows, progress, file_keys, require_both_splits)
+
+
+def _tokenize_parquet(files: list[Path], out_dir: Path, config: TokenizeConfig, text_column: str, max_rows: int | None,
+                      progress: Callable[[int, int], None] | None, file_keys: list[str] | None,
+                      require_both_splits: bool) -> dict[str, Any]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if any(out_dir.glob("*.bin")):
@@ -380,22 +448,26 @@ def tokenize_parquet(
     writers = {split: ShardWriter(out_dir, split, config.shard_tokens) for split in ("train", "val")}
     totals = _Totals()
     pool = EncoderPool(num_workers, engine_spec(planned))  # helpers start their engine at once
+    checks: _RefereeThread | None = None
     try:
         with pool, ThreadPoolExecutor(1, thread_name_prefix="tokenize-engine") as starter:
-            choosing = starter.submit(select_engine, config.engine)  # loaded and checked in this process, meanwhile
+            choosing = starter.submit(select_engine, config.engine, True)  # loaded in this process meanwhile; its self-check may come later (checks)
             jobs = _read_while(_jobs(files, list(schemas), text_column, max_rows), choosing, limit=READ_AHEAD_JOBS)
             engine = choosing.result()  # a clear error if the engine asked for is unusable
             pool.use(engine.spec)
+            checks = _RefereeThread(engine, files) if engine.name != "tiktoken" else None
             keys = file_keys if file_keys is not None else [str(index) for index in range(len(files))]
-            finish = _finisher(config, engine, files, keys)
-            results = pool.encoded_in_order(jobs, finish, loaded_engine=engine.tokenizer)
+            results = pool.encoded_in_order(jobs, _finisher(config, engine, checks, keys), loaded_engine=engine.tokenizer)
             with contextlib.closing(results):
                 for result in results:
+                    if checks:
+                        checks.start()  # the encoders have their batches now
                     _write(result, writers, totals)
                     if progress:
                         progress(totals.rows, rows_total)
-        for writer in writers.values():
-            writer.flush()
+        totals.verified = checks.close() if checks else 0  # the engine's self-check and sample: a failure removes the shards
+        with ThreadPoolExecutor(len(writers), thread_name_prefix="tokenize-flush") as flushing:  # the last shards' fsyncs at once
+            list(flushing.map(ShardWriter.flush, writers.values()))
         for split, count in totals.documents.items():
             if count == 0 and require_both_splits:
                 raise TokenizeError(
@@ -403,6 +475,8 @@ def tokenize_parquet(
                     f"tokenize.val_fraction={config.val_fraction}); use more data or change --set tokenize.val_fraction=..."
                 )
     except BaseException as error:
+        if checks is not None:
+            checks.pending.put(None)  # it stops after what it is doing
         for writer in writers.values():
             writer.remove_written()
         if isinstance(error, EncoderFailed):

@@ -1,19 +1,25 @@
 """The native C engine (gpt/native_bpe.py): exactly tiktoken's GPT-2 ids on FineWeb, fuzzed
 text and every code point in several contexts; invalid UTF-8 judged as Python judges it and
 repaired as the other engines repair it; one table shared by threads; the library built once
-per source and a missing compiler reported in one line, with `auto` moving on."""
+per source and a missing compiler reported in one line, with `auto` moving on; and a wrong
+engine (fault-injected into the real one) caught by its self-check, which the stage runs
+beside its first batches, or by `verify_fraction`, with no shard left behind."""
 
 import random
 import threading
+from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from configs.schema import TokenizeConfig
 from gpt import native_bpe
-from gpt.encoding import gpt2_encoding
-from gpt.tokenize_engine import EngineError, EngineFallbackWarning, forget_engines, select_engine
-from tests.test_tokenize_engine import SAMPLE, adversarial_texts
+from gpt.encoding import gpt2_encoding, gpt2_token_bytes
+from gpt.tokenize_engine import EngineError, EngineFallbackWarning, SelfCheckFailure, forget_engines, select_engine
+from gpt.tokenizer import EngineMismatch, is_verified_document, tokenize_parquet
+from tests.test_tokenize_engine import SAMPLE, _shards, adversarial_texts
 
 
 @pytest.fixture(scope="module")
@@ -130,3 +136,82 @@ def test_auto_chooses_native_and_records_its_source(tmp_path):
     finally:
         forget_engines()
     assert (engine.name, engine.version) == ("native", native_bpe.source_digest()) and engine.label.startswith("native ")
+
+
+def test_the_c_table_holds_every_gpt2_token_as_tiktoken_has_it(native):
+    """C reads encoder.json itself (JSON escapes, the byte-level alphabet): every rank's bytes are tiktoken's."""
+    joined, starts = gpt2_token_bytes()
+    assert len(starts) - 1 == 50256
+    assert all(native.token_bytes(rank) == joined[starts[rank] : starts[rank + 1]] for rank in range(len(starts) - 1))
+
+
+# ---------------------------------------------------------------------------------------
+# A wrong native engine is caught, though its self-check runs beside its first batches
+# ---------------------------------------------------------------------------------------
+
+
+def _docs(tmp_path, texts: list[str]) -> Path:
+    path = tmp_path / "docs.parquet"
+    pq.write_table(pa.table({"text": texts}), path, row_group_size=50)
+    return path
+
+
+def _wrong_on(monkeypatch, marker: str) -> None:
+    """The real C engine, made to change the last id of every text holding `marker`."""
+    real_spans, real_batch = native_bpe.NativeBpe.encode_spans, native_bpe.NativeBpe.encode_batch
+
+    def change(texts_of, lengths, tokens):
+        tokens, ends = np.array(tokens, np.uint32), np.cumsum(lengths, dtype=np.int64)
+        for k, text in enumerate(texts_of):
+            if marker in text and lengths[k]:
+                tokens[ends[k] - 1] = (tokens[ends[k] - 1] + 1) % 50000
+        return tokens
+
+    def encode_spans(self, data, starts, ends):
+        lengths, sizes, invalid, tokens = real_spans(self, data, starts, ends)
+        view = memoryview(data)
+        texts = [str(view[s:e], "utf-8", "replace") for s, e in zip(np.asarray(starts).tolist(), np.asarray(ends).tolist())]
+        return lengths, sizes, invalid, change(texts, lengths, tokens)
+
+    def encode_batch(self, texts):
+        tokens, lengths = real_batch(self, texts)
+        return change(texts, lengths, tokens), lengths
+
+    monkeypatch.setattr(native_bpe.NativeBpe, "encode_spans", encode_spans)
+    monkeypatch.setattr(native_bpe.NativeBpe, "encode_batch", encode_batch)
+
+
+@pytest.fixture
+def fresh():
+    forget_engines()
+    yield
+    forget_engines()
+
+
+def test_a_native_engine_failing_its_late_self_check_writes_nothing_and_auto_moves_on(tmp_path, monkeypatch, fresh):
+    _wrong_on(monkeypatch, "\u180e")
+    path = _docs(tmp_path, [f"document {i} with\tit's" for i in range(300)])
+    config = TokenizeConfig(engine="native", val_fraction=0.1, shard_tokens=1024, num_workers=2)
+    with pytest.raises(SelfCheckFailure, match=r"native \w+ is not exactly GPT-2 on the self-check .*tokenize.engine=fastokens") as error:
+        tokenize_parquet([path], tmp_path / "native", config)
+    assert "\n" not in str(error.value) and not list((tmp_path / "native").glob("*.bin"))
+
+    forget_engines()
+    with pytest.warns(EngineFallbackWarning, match=r"tokenize.engine=auto uses fastokens: native \w+ is not exactly GPT-2"):
+        manifest = tokenize_parquet([path], tmp_path / "auto", config.model_copy(update={"engine": "auto"}))
+    assert manifest["engine"].startswith("fastokens ")
+    tokenize_parquet([path], tmp_path / "tiktoken", config.model_copy(update={"engine": "tiktoken"}))
+    assert _shards(tmp_path / "auto") == _shards(tmp_path / "tiktoken")
+
+
+def test_verify_fraction_catches_a_native_engine_that_differs_on_a_document(tmp_path, monkeypatch, fresh):
+    _wrong_on(monkeypatch, "zebracorn")
+    texts = [f"plain document number {i}." for i in range(300)]
+    texts[203] = "the zebracorn document"
+    path = _docs(tmp_path, texts)
+    config = TokenizeConfig(engine="native", val_fraction=0.1, shard_tokens=1024, num_workers=2, verify_fraction=1.0)
+    with pytest.raises(EngineMismatch, match=r"native \w+ and the referee tiktoken \S+ differ on row 203 of .*docs\.parquet") as error:
+        tokenize_parquet([path], tmp_path / "out", config)
+    assert "\n" not in str(error.value) and not list((tmp_path / "out").glob("*.bin"))
+    manifest = tokenize_parquet([path], tmp_path / "sampled", config.model_copy(update={"verify_fraction": 0.2}))
+    assert manifest["verified_documents"] == sum(is_verified_document(config.seed, "0", row, 0.2) for row in range(300))  # a seeded sample (this one misses row 203)

@@ -80,11 +80,8 @@ static inline uint8_t tag_of(uint64_t h) {
     return (uint8_t)(h & 0xFF) | 1; /* low bits: the slot comes from the top bits */
 }
 
-/* The rank of the token whose bytes are p[0:size], or NO_RANK. */
-static inline uint32_t rank_of(const Gpt2Bpe *b, const uint8_t *p, size_t size) {
-    if (size == 1) return b->byte_rank[p[0]];
-    if (size == 2) return b->pair_rank[(p[0] << 8) | p[1]];
-    uint64_t h = hash_bytes(p, size);
+/* The rank of the token whose bytes are p[0:size] (3 or more), whose hash is h, or NO_RANK. */
+static inline uint32_t rank_hashed(const Gpt2Bpe *b, const uint8_t *p, size_t size, uint64_t h) {
     uint8_t tag = tag_of(h);
     for (uint32_t i = (uint32_t)(h >> b->shift);; i = (i + 1) & b->mask) {
         if (b->tags[i] == 0) return NO_RANK;
@@ -94,6 +91,13 @@ static inline uint32_t rank_of(const Gpt2Bpe *b, const uint8_t *p, size_t size) 
             (size <= 8 || memcmp(b->bytes + b->starts[slot->token] + 8, p + 8, size - 8) == 0))
             return slot->token;
     }
+}
+
+/* The rank of the token whose bytes are p[0:size], or NO_RANK. */
+static inline uint32_t rank_of(const Gpt2Bpe *b, const uint8_t *p, size_t size) {
+    if (size == 1) return b->byte_rank[p[0]];
+    if (size == 2) return b->pair_rank[(p[0] << 8) | p[1]];
+    return rank_hashed(b, p, size, hash_bytes(p, size));
 }
 
 void gpt2_bpe_free(Gpt2Bpe *b) {
@@ -146,6 +150,120 @@ Gpt2Bpe *gpt2_bpe_new(const uint8_t *bytes, const uint64_t *starts, uint32_t cou
     return b;
 }
 
+/* GPT-2's byte-level alphabet, reversed: the byte each character of encoder.json stands for
+ * (printable bytes stand for themselves, the others for U+0100 onwards, in order). */
+#define ALPHABET_SIZE 324
+static void byte_level_alphabet(int byte_of[ALPHABET_SIZE]) {
+    int stand_in = 256;
+    for (int c = 0; c < ALPHABET_SIZE; c++) byte_of[c] = -1;
+    for (int byte = 0; byte < 256; byte++) {
+        int printable = (byte >= '!' && byte <= '~') || (byte >= 0xA1 && byte <= 0xAC) || (byte >= 0xAE);
+        byte_of[printable ? byte : stand_in++] = byte;
+    }
+}
+
+static size_t skip_space(const char *json, size_t n, size_t i) {
+    while (i < n && (json[i] == ' ' || json[i] == '\n' || json[i] == '\r' || json[i] == '\t')) i++;
+    return i;
+}
+
+/* The JSON string at json[i] (its opening quote) as bytes of the byte-level alphabet into out;
+ * returns the index after its closing quote, or 0 when it is not such a string. */
+static size_t read_token(const char *json, size_t n, size_t i, const int byte_of[ALPHABET_SIZE], uint8_t *out, size_t *size) {
+    if (i >= n || json[i] != '"') return 0;
+    *size = 0;
+    for (i++; i < n && json[i] != '"';) {
+        uint32_t code;
+        uint8_t c = (uint8_t)json[i];
+        if (c == '\\') {
+            if (i + 1 >= n) return 0;
+            char e = json[i + 1];
+            i += 2;
+            if (e == 'u') {
+                if (i + 4 > n) return 0;
+                code = 0;
+                for (int k = 0; k < 4; k++, i++) {
+                    char h = json[i];
+                    int digit = h >= '0' && h <= '9' ? h - '0' : h >= 'a' && h <= 'f' ? h - 'a' + 10 : h >= 'A' && h <= 'F' ? h - 'A' + 10 : -1;
+                    if (digit < 0) return 0;
+                    code = code * 16 + (uint32_t)digit;
+                }
+            } else {
+                const char *from = "\"\\/bfnrt", *to = "\"\\/\b\f\n\r\t";
+                const char *at = strchr(from, e);
+                if (!e || !at) return 0;
+                code = (uint8_t)to[at - from];
+            }
+        } else if (c < 0x80) {
+            code = c;
+            i++;
+        } else if ((c & 0xE0) == 0xC0 && i + 1 < n) { /* the alphabet is below U+0800: two bytes at most */
+            code = ((c & 0x1Fu) << 6) | ((uint8_t)json[i + 1] & 0x3Fu);
+            i += 2;
+        } else return 0;
+        if (code >= ALPHABET_SIZE || byte_of[code] < 0) return 0;
+        out[(*size)++] = (uint8_t)byte_of[code];
+    }
+    return i < n ? i + 1 : 0;
+}
+
+/* A table from GPT-2's encoder.json (json[0:n], {"token": rank, ...}): ranks 0..count-1 must
+ * each appear once; larger ones ("<|endoftext|>") are left out. NULL when it is not such a
+ * file or memory runs out. */
+Gpt2Bpe *gpt2_bpe_new_from_encoder_json(const char *json, size_t n, uint32_t count) {
+    int byte_of[ALPHABET_SIZE];
+    byte_level_alphabet(byte_of);
+    uint8_t *bytes = malloc(n), *read = malloc(n); /* a token has fewer bytes than its JSON */
+    uint64_t *where = calloc(count, sizeof(uint64_t)), *starts = malloc((count + 1) * sizeof(uint64_t));
+    uint32_t *sizes = calloc(count, sizeof(uint32_t));
+    Gpt2Bpe *b = NULL;
+    size_t i = skip_space(json, n, 0), used = 0, seen = 0;
+    if (!bytes || !read || !where || !starts || !sizes || i >= n || json[i] != '{') goto done;
+    i = skip_space(json, n, i + 1);
+    while (i < n && json[i] != '}') {
+        size_t size;
+        i = read_token(json, n, i, byte_of, read, &size);
+        if (!i || size == 0) goto done;
+        i = skip_space(json, n, i);
+        if (i >= n || json[i] != ':') goto done;
+        i = skip_space(json, n, i + 1);
+        uint64_t rank = 0;
+        size_t digits = 0;
+        for (; i < n && json[i] >= '0' && json[i] <= '9' && digits < 12; i++, digits++) rank = rank * 10 + (uint64_t)(json[i] - '0');
+        if (!digits) goto done;
+        if (rank < count) {
+            if (sizes[rank]) goto done; /* a rank twice */
+            memcpy(bytes + used, read, size);
+            where[rank] = used;
+            sizes[rank] = (uint32_t)size;
+            used += size;
+            seen++;
+        }
+        i = skip_space(json, n, i);
+        if (i < n && json[i] == ',') i = skip_space(json, n, i + 1);
+    }
+    if (i >= n || seen != count) goto done;
+    starts[0] = 0; /* the tokens in rank order */
+    for (uint32_t t = 0; t < count; t++) {
+        memcpy(read + starts[t], bytes + where[t], sizes[t]);
+        starts[t + 1] = starts[t] + sizes[t];
+    }
+    b = gpt2_bpe_new(read, starts, count);
+done:
+    free(bytes);
+    free(read);
+    free(where);
+    free(starts);
+    free(sizes);
+    return b;
+}
+
+/* Token `rank`'s bytes (for tests): their length, and where they are in *bytes. */
+size_t gpt2_bpe_token(const Gpt2Bpe *b, uint32_t rank, const uint8_t **bytes) {
+    *bytes = b->bytes + b->starts[rank];
+    return b->starts[rank + 1] - b->starts[rank];
+}
+
 /* tiktoken's byte_pair_merge: parts start at start[0..count-1] (the last is the piece's end);
  * rank[i] is the rank of parts i and i + 1 joined. Returns how many tokens it wrote. */
 static size_t byte_pair_encode(const Gpt2Bpe *b, const uint8_t *p, size_t size, uint32_t *out) {
@@ -182,15 +300,6 @@ static size_t byte_pair_encode(const Gpt2Bpe *b, const uint8_t *p, size_t size, 
         free(rank);
     }
     return written;
-}
-
-static inline size_t encode_piece(const Gpt2Bpe *b, const uint8_t *p, size_t size, uint32_t *out) {
-    uint32_t token = rank_of(b, p, size);
-    if (token != NO_RANK) {
-        out[0] = token;
-        return 1;
-    }
-    return byte_pair_encode(b, p, size, out);
 }
 
 /* The class of the code point at s[i] (valid UTF-8), and where the next one starts. */
@@ -249,51 +358,69 @@ static int valid_utf8(const uint8_t *s, size_t n) {
     return 1;
 }
 
-/* GPT-2's tokens for the valid UTF-8 text s[0:n] into out (room for n tokens: a token is at
- * least a byte). Returns how many. */
-size_t gpt2_bpe_encode(const Gpt2Bpe *b, const uint8_t *s, size_t n, uint32_t *out) {
-    size_t i = 0, written = 0;
-    while (i < n) {
-        size_t next, end;
-        /* 's|'t|'re|'ve|'m|'ll|'d */
-        if (s[i] == '\'' && i + 1 < n) {
-            uint8_t c1 = s[i + 1], c2 = i + 2 < n ? s[i + 2] : 0;
-            size_t contraction = (c1 == 's' || c1 == 't' || c1 == 'm' || c1 == 'd') ? 2
-                               : ((c1 == 'l' && c2 == 'l') || (c1 == 'v' && c2 == 'e') || (c1 == 'r' && c2 == 'e')) ? 3 : 0;
-            if (contraction) {
-                written += encode_piece(b, s + i, contraction, out + written);
-                i += contraction;
-                continue;
-            }
-        }
-        /* ' ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+': a space joins a run of letters, digits or others after it */
-        int kind = class_at(b, s, i, &next);
-        end = next;
-        if (s[i] == ' ' && next < n) {
-            size_t after;
-            int following = class_at(b, s, next, &after);
-            if (following != SPACE) {
-                kind = following;
-                end = after;
-            }
-        }
-        if (kind != SPACE) {
-            size_t after;
-            while (end < n && class_at(b, s, end, &after) == kind) end = after;
-            written += encode_piece(b, s + i, end - i, out + written);
-            i = end;
-            continue;
-        }
-        /* '\s+(?!\S)|\s+': a run of spaces, less its last one when a non-space follows (that one
-         * joins the next piece); a lone space before a non-space is a piece of its own */
-        size_t last = i, after;
-        while (end < n && class_at(b, s, end, &after) == SPACE) {
-            last = end;
+/* Where the piece of GPT-2's pattern that starts at s[i] ends:
+ *   's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+        */
+static inline size_t piece_end(const Gpt2Bpe *b, const uint8_t *s, size_t n, size_t i) {
+    size_t next, end, after;
+    /* 's|'t|'re|'ve|'m|'ll|'d */
+    if (s[i] == '\'' && i + 1 < n) {
+        uint8_t c1 = s[i + 1], c2 = i + 2 < n ? s[i + 2] : 0;
+        if (c1 == 's' || c1 == 't' || c1 == 'm' || c1 == 'd') return i + 2;
+        if ((c1 == 'l' && c2 == 'l') || (c1 == 'v' && c2 == 'e') || (c1 == 'r' && c2 == 'e')) return i + 3;
+    }
+    /* ' ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+': a space joins a run of letters, digits or others after it */
+    int kind = class_at(b, s, i, &next);
+    end = next;
+    if (s[i] == ' ' && next < n) {
+        int following = class_at(b, s, next, &after);
+        if (following != SPACE) {
+            kind = following;
             end = after;
         }
-        if (end < n && last > i) end = last;
-        written += encode_piece(b, s + i, end - i, out + written);
-        i = end;
+    }
+    if (kind != SPACE) {
+        while (end < n && class_at(b, s, end, &after) == kind) end = after;
+        return end;
+    }
+    /* '\s+(?!\S)|\s+': a run of spaces, less its last one when a non-space follows (that one
+     * joins the next piece); a lone space before a non-space is a piece of its own */
+    size_t last = i;
+    while (end < n && class_at(b, s, end, &after) == SPACE) {
+        last = end;
+        end = after;
+    }
+    return end < n && last > i ? last : end;
+}
+
+#define PIECES_AHEAD 16
+
+/* GPT-2's tokens for the valid UTF-8 text s[0:n] into out (room for n tokens: a token is at
+ * least a byte). Returns how many. Pieces are found PIECES_AHEAD at a time and their table
+ * slots fetched from memory together, rather than waited for one by one. */
+size_t gpt2_bpe_encode(const Gpt2Bpe *b, const uint8_t *s, size_t n, uint32_t *out) {
+    size_t starts[PIECES_AHEAD + 1], i = 0, written = 0;
+    uint64_t hashes[PIECES_AHEAD];
+    while (i < n) {
+        size_t count = 0;
+        starts[0] = i;
+        while (i < n && count < PIECES_AHEAD) {
+            i = piece_end(b, s, n, i);
+            size_t size = i - starts[count];
+            if (size >= 3) {
+                hashes[count] = hash_bytes(s + starts[count], size);
+                size_t slot = (size_t)(hashes[count] >> b->shift);
+                __builtin_prefetch(&b->tags[slot]);
+                __builtin_prefetch(&b->slots[slot]);
+            }
+            starts[++count] = i;
+        }
+        for (size_t k = 0; k < count; k++) {
+            const uint8_t *piece = s + starts[k];
+            size_t size = starts[k + 1] - starts[k];
+            uint32_t token = size >= 3 ? rank_hashed(b, piece, size, hashes[k]) : rank_of(b, piece, size);
+            if (token != NO_RANK) out[written++] = token;
+            else written += byte_pair_encode(b, piece, size, out + written);
+        }
     }
     return written;
 }
