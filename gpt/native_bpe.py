@@ -20,6 +20,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +100,18 @@ def _utf8(text: str) -> bytes:
         return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace").encode("utf-8")
 
 
+class _ThreadCache:
+    """One thread's C cache of merged pieces, freed when the thread (and so this object) goes."""
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        self.lib, self.address = lib, lib.gpt2_cache_new()
+        if not self.address:
+            raise MemoryError("the C engine could not allocate a thread's cache")
+
+    def __del__(self) -> None:
+        self.lib.gpt2_cache_free(self.address)
+
+
 class NativeBpe:
     """The C engine, loaded: GPT-2's ids for batches of UTF-8 texts, from any thread."""
 
@@ -113,7 +126,10 @@ class NativeBpe:
         self.lib.gpt2_bpe_token.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.POINTER(ctypes.c_void_p)]
         self.lib.gpt2_bpe_free.argtypes = [ctypes.c_void_p]
         self.lib.gpt2_bpe_encode_batch.restype = ctypes.c_size_t
-        self.lib.gpt2_bpe_encode_batch.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_size_t] + [ctypes.c_void_p] * 3
+        self.lib.gpt2_bpe_encode_batch.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_size_t] + [ctypes.c_void_p] * 3
+        self.lib.gpt2_cache_new.restype = ctypes.c_void_p
+        self.lib.gpt2_cache_free.argtypes = [ctypes.c_void_p]
+        self.caches = threading.local()  # each thread's cache of merged pieces (the C table itself is read-only)
         # C reads the checked encoder.json itself, without the GIL: Python's json and byte decoding
         # take ~0.03 s of it, which the stage's parquet reading is waiting for at start
         vocabulary = gpt2_file("encoder.json")
@@ -128,6 +144,12 @@ class NativeBpe:
         size = self.lib.gpt2_bpe_token(self.table, rank, ctypes.byref(where))
         return ctypes.string_at(where, size)
 
+    def _cache(self) -> int:
+        """This thread's cache of merged pieces, made on its first call and freed with the thread."""
+        if not hasattr(self.caches, "cache"):
+            self.caches.cache = _ThreadCache(self.lib)
+        return self.caches.cache.address
+
     def close(self) -> None:
         if self.table:
             self.lib.gpt2_bpe_free(self.table)
@@ -138,7 +160,7 @@ class NativeBpe:
         count = len(starts)
         tokens = np.empty(max(int((ends - starts).sum()), 1), np.uint32)  # a token is at least one byte
         lengths, invalid = np.empty(count, np.uint32), np.empty(count, np.uint8)
-        written = self.lib.gpt2_bpe_encode_batch(self.table, _address(data), starts.ctypes.data, ends.ctypes.data, count,
+        written = self.lib.gpt2_bpe_encode_batch(self.table, self._cache(), _address(data), starts.ctypes.data, ends.ctypes.data, count,
                                                  tokens.ctypes.data, lengths.ctypes.data, invalid.ctypes.data)
         return tokens[:written], lengths, invalid
 

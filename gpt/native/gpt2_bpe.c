@@ -12,8 +12,9 @@
  *
  * The vocabulary is handed in by the caller (tiktoken's checked GPT-2 ranks, token i = rank i)
  * and held in an open-addressing hash table whose slots carry the first 8 bytes of their
- * token, so a lookup touches one cache line. Nothing is written after gpt2_bpe_new returns:
- * any number of threads may encode with one table at once.
+ * token, so a lookup touches one cache line. Nothing is written to it after gpt2_bpe_new
+ * returns: any number of threads may encode with one table at once, each with a cache of its
+ * own for the pieces it merged (gpt2_cache_new).
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -99,6 +100,30 @@ static inline uint32_t rank_of(const Gpt2Bpe *b, const uint8_t *p, size_t size) 
     if (size == 2) return b->pair_rank[(p[0] << 8) | p[1]];
     return rank_hashed(b, p, size, hash_bytes(p, size));
 }
+
+/* A thread's memory of the pieces it merged lately: a piece that is not a token is merged
+ * byte pair by byte pair, and the same words come back (in text of other languages most
+ * words are such pieces). Direct-mapped by the piece's hash; pieces of up to CACHE_KEY_BYTES
+ * bytes and CACHE_TOKENS tokens. */
+#ifndef CACHE_ENTRIES
+#define CACHE_ENTRIES 8192
+#endif
+#define CACHE_KEY_BYTES 22
+#define CACHE_TOKENS 6
+typedef struct {
+    uint8_t key[CACHE_KEY_BYTES];
+    uint8_t size; /* 0: empty */
+    uint8_t count;
+    uint32_t tokens[CACHE_TOKENS];
+} CacheEntry; /* 48 bytes */
+
+typedef struct {
+    CacheEntry entries[CACHE_ENTRIES];
+} Gpt2Cache;
+
+Gpt2Cache *gpt2_cache_new(void) { return calloc(1, sizeof(Gpt2Cache)); }
+
+void gpt2_cache_free(Gpt2Cache *cache) { free(cache); }
 
 void gpt2_bpe_free(Gpt2Bpe *b) {
     if (b) {
@@ -395,9 +420,10 @@ static inline size_t piece_end(const Gpt2Bpe *b, const uint8_t *s, size_t n, siz
 #define PIECES_AHEAD 16
 
 /* GPT-2's tokens for the valid UTF-8 text s[0:n] into out (room for n tokens: a token is at
- * least a byte). Returns how many. Pieces are found PIECES_AHEAD at a time and their table
- * slots fetched from memory together, rather than waited for one by one. */
-size_t gpt2_bpe_encode(const Gpt2Bpe *b, const uint8_t *s, size_t n, uint32_t *out) {
+ * least a byte), with the calling thread's cache (or NULL). Returns how many. Pieces are found
+ * PIECES_AHEAD at a time and their table slots fetched from memory together, rather than
+ * waited for one by one. */
+size_t gpt2_bpe_encode(const Gpt2Bpe *b, Gpt2Cache *cache, const uint8_t *s, size_t n, uint32_t *out) {
     size_t starts[PIECES_AHEAD + 1], i = 0, written = 0;
     uint64_t hashes[PIECES_AHEAD];
     while (i < n) {
@@ -418,25 +444,42 @@ size_t gpt2_bpe_encode(const Gpt2Bpe *b, const uint8_t *s, size_t n, uint32_t *o
             const uint8_t *piece = s + starts[k];
             size_t size = starts[k + 1] - starts[k];
             uint32_t token = size >= 3 ? rank_hashed(b, piece, size, hashes[k]) : rank_of(b, piece, size);
-            if (token != NO_RANK) out[written++] = token;
-            else written += byte_pair_encode(b, piece, size, out + written);
+            if (token != NO_RANK) {
+                out[written++] = token;
+                continue;
+            }
+            CacheEntry *entry = cache && size >= 3 && size <= CACHE_KEY_BYTES ? &cache->entries[(hashes[k] >> 8) % CACHE_ENTRIES] : NULL;
+            if (entry && entry->size == size && memcmp(entry->key, piece, size) == 0) {
+                memcpy(out + written, entry->tokens, entry->count * sizeof(uint32_t));
+                written += entry->count;
+                continue;
+            }
+            size_t count = byte_pair_encode(b, piece, size, out + written);
+            if (entry && count <= CACHE_TOKENS) {
+                memcpy(entry->key, piece, size);
+                entry->size = (uint8_t)size;
+                entry->count = (uint8_t)count;
+                memcpy(entry->tokens, out + written, count * sizeof(uint32_t));
+            }
+            written += count;
         }
     }
     return written;
 }
 
-/* Encode data[starts[k]:ends[k]] for each of `count` texts, one after another into out (room
+/* Encode data[starts[k]:ends[k]] for each of `count` texts, with the calling thread's cache
+ * (gpt2_cache_new; NULL: none), one after another into out (room
  * for as many tokens as the texts have bytes); lengths[k]: text k's tokens. A text that is not
  * valid UTF-8 is left out (its length 0) and flagged in invalid[k], for the caller to repair.
  * Returns the tokens written. */
-size_t gpt2_bpe_encode_batch(const Gpt2Bpe *b, const uint8_t *data, const int64_t *starts, const int64_t *ends,
+size_t gpt2_bpe_encode_batch(const Gpt2Bpe *b, Gpt2Cache *cache, const uint8_t *data, const int64_t *starts, const int64_t *ends,
                              size_t count, uint32_t *out, uint32_t *lengths, uint8_t *invalid) {
     size_t written = 0;
     for (size_t k = 0; k < count; k++) {
         const uint8_t *text = data + starts[k];
         size_t n = (size_t)(ends[k] - starts[k]);
         invalid[k] = !valid_utf8(text, n);
-        lengths[k] = invalid[k] ? 0 : (uint32_t)gpt2_bpe_encode(b, text, n, out + written);
+        lengths[k] = invalid[k] ? 0 : (uint32_t)gpt2_bpe_encode(b, cache, text, n, out + written);
         written += lengths[k];
     }
     return written;
