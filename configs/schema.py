@@ -102,7 +102,7 @@ class TokenizeConfig(Section):
     encoding: Literal["gpt2"] = "gpt2"
     val_fraction: float = Field(default=0.01, gt=0.0, lt=1.0, description="share of documents held out")
     shard_tokens: int = Field(default=100_000_000, ge=1024, description="tokens per .bin shard")
-    num_workers: int = Field(default=0, ge=0, description="tokenizer processes; 0 = one per core, as many as the text pays for")
+    num_workers: int = Field(default=0, ge=0, description="tokenizer encoders (threads for the native engine, else processes); 0 = one per core, as many as the text pays for")
     engine: Literal["auto", "native", "fastokens", "tiktoken"] = Field(
         default="auto", description="BPE engine: auto = the first of native (C, compiled on first use), fastokens that can run "
         "and is exact on a self-check, else tiktoken. "

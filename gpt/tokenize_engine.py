@@ -36,7 +36,7 @@ import tiktoken
 
 from configs.errors import UserError
 from gpt import native_bpe
-from gpt.encoding import gpt2_encoding, gpt2_encoding_arguments, gpt2_file
+from gpt.encoding import gpt2_encoding, gpt2_file
 from gpt.tokenize_worker import ONE_CORE_ENV, fastokens_batch_encoder
 
 ENGINES = ("auto", "native", "fastokens", "tiktoken")
@@ -64,16 +64,17 @@ class Engine:
     version: str
     spec: dict[str, Any] = field(repr=False)  # picklable, sent to helper processes (gpt/tokenize_worker.py)
     tokenizer: Any = field(default=None, repr=False, compare=False)  # the native or fastokens tokenizer, loaded in this process
-    deferred_check: Callable[[], None] | None = field(default=None, repr=False, compare=False)  # select_engine's check_later
+    deferred_check: Callable[[ReferenceIds], None] | None = field(default=None, repr=False, compare=False)  # select_engine's check_later
 
     @property
     def label(self) -> str:
         return f"{self.name} {self.version}"
 
-    def self_check(self) -> None:
-        """Run the self-check left for later, if any; SelfCheckFailure if the engine fails it."""
+    def self_check(self, reference_ids: ReferenceIds) -> None:
+        """Run the self-check left for later, if any, against `reference_ids` (tiktoken's ids);
+        SelfCheckFailure if the engine fails it."""
         if self.deferred_check is not None:
-            self.deferred_check()
+            self.deferred_check(reference_ids)
 
 
 def referee() -> tiktoken.Encoding:
@@ -152,14 +153,22 @@ SELF_CHECK_TEXTS = (
 )
 
 
-def self_check_difference(encode_batch: Any, reference: tiktoken.Encoding | None = None) -> str | None:
+ReferenceIds = Callable[[list[str]], list[list[int]]]  # texts → tiktoken's GPT-2 ids for each
+
+
+def in_process_reference(texts: list[str]) -> list[list[int]]:
+    """tiktoken's ids, from this process's referee."""
+    encoding = referee()
+    return [encoding.encode_ordinary(text) for text in texts]
+
+
+def self_check_difference(encode_batch: Any, reference_ids: ReferenceIds = in_process_reference) -> str | None:
     """Where an engine's batch encoder first disagrees with tiktoken on SELF_CHECK_TEXTS, or None."""
-    reference = reference or referee()
     tokens, lengths = encode_batch(list(SELF_CHECK_TEXTS))
     tokens = memoryview(tokens).cast("B").cast("I")
     start = 0
-    for text, length in zip(SELF_CHECK_TEXTS, lengths):
-        got, expected = tokens[start : start + length].tolist(), reference.encode_ordinary(text)
+    for text, length, expected in zip(SELF_CHECK_TEXTS, lengths, reference_ids(list(SELF_CHECK_TEXTS))):
+        got = tokens[start : start + length].tolist()
         start += length
         if got != expected:
             at = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), min(len(got), len(expected)))
@@ -179,7 +188,7 @@ def engine_spec(name: str) -> dict[str, Any]:
         return {"engine": "native"}
     if name == "fastokens":
         return {"engine": "fastokens", "tokenizer_json": gpt2_tokenizer_json()}
-    return {"engine": "tiktoken", "arguments": gpt2_encoding_arguments()}
+    return {"engine": "tiktoken", "encoder_json": gpt2_file("encoder.json")}  # checked here; each encoder builds tiktoken from it
 
 
 def planned_engine(requested: str) -> str:
@@ -206,16 +215,16 @@ def native_engine(check_later: bool = False) -> Engine:
     """The project's C engine, compiled if it is not cached, and self-checked. EngineError if it
     cannot be used. With `check_later` it is returned at once (~5 ms) with its self-check left
     for the caller to run (`Engine.self_check`, SelfCheckFailure if it fails): the check needs
-    tiktoken, whose start takes ~0.05 s and holds the GIL, so the stage runs it beside its
-    encoders and fails, removing its shards, if it fails."""
+    tiktoken, whose start takes ~0.08 s, so the stage runs it on a thread beside its encoders
+    and fails, removing its shards, if it fails."""
     try:
         tokenizer = native_bpe.NativeBpe(native_bpe.build_library())
     except native_bpe.NativeBuildError as error:
         raise EngineError(str(error)) from None
     version = native_bpe.source_digest()
 
-    def self_check() -> None:
-        difference = self_check_difference(tokenizer.encode_batch)
+    def self_check(reference_ids: ReferenceIds = in_process_reference) -> None:
+        difference = self_check_difference(tokenizer.encode_batch, reference_ids)
         if difference is not None:
             _refused["native"] = (f"native {version} is not exactly GPT-2 on the self-check ({difference}); "
                                   "set tokenize.engine=fastokens or tiktoken, and report it")
@@ -257,7 +266,7 @@ def fastokens_engine() -> Engine:
         first_line = (str(loaded["error"]).splitlines() or [type(loaded["error"]).__name__])[0]
         raise EngineError(f"fastokens {version} cannot load GPT-2's tokenizer.json ({first_line}); "
                           f"pip install {FASTOKENS_REQUIREMENT}, or set tokenize.engine=tiktoken")
-    difference = self_check_difference(fastokens_batch_encoder(loaded["tokenizer"]), reference)
+    difference = self_check_difference(fastokens_batch_encoder(loaded["tokenizer"]), lambda texts: [reference.encode_ordinary(t) for t in texts])
     if difference is not None:
         raise EngineError(f"fastokens {version} is not exactly GPT-2 on the self-check ({difference}); "
                           f"pip install {FASTOKENS_REQUIREMENT}, or set tokenize.engine=tiktoken")

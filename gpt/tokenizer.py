@@ -33,8 +33,8 @@ import pyarrow.parquet as pq
 
 from configs.errors import TransientError, UserError
 from gpt.encoding import EOT
-from gpt.tokenize_engine import (Engine, SelfCheckFailure, choose_again, engine_spec, planned_engine, referee, referee_label,
-                                 select_engine)
+from gpt.tokenize_engine import (Engine, SelfCheckFailure, choose_again, engine_spec, in_process_reference, planned_engine,
+                                 referee, referee_label, select_engine)
 from gpt.tokenize_worker import Encoded, EncoderFailed, EncoderPool
 from storage.shards import ShardWriter
 
@@ -136,12 +136,12 @@ def _sample(job: _Job, key: str, ids: np.ndarray, offsets: np.ndarray, config: T
 
 
 class _RefereeThread:
-    """tiktoken's checks of a faster engine, on a thread of their own: the engine's deferred
-    self-check first, then the sampled documents as the encoders hand them over. It starts once
-    the encoders have their first batches (`start`): tiktoken's start holds the GIL for ~0.05 s,
-    which would keep this process from handing them out, while the engines encode without
-    the GIL. The encoders never wait for it; the stage waits for it before it returns, so a
-    failure fails the run and its shards are removed."""
+    """tiktoken's checks of a faster engine, on a thread of their own: the engine's self-check if
+    it was left for later (the native engine's: it needs tiktoken, whose ~0.08 s start the
+    encoders do not wait for), then the sampled documents as the encoders hand them over. The
+    encoders never wait for it; the stage waits for it before it returns, so a failure fails
+    the run and its shards are removed. (Measured: tiktoken in a helper process instead costs
+    more than the GIL it frees, on two cores.)"""
 
     def __init__(self, engine: Engine, files: list[Path]) -> None:
         self.engine, self.files = engine, files
@@ -149,10 +149,7 @@ class _RefereeThread:
         self.verified = 0
         self.failure: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="tokenize-referee", daemon=True)
-
-    def start(self) -> None:
-        if not self.thread.is_alive() and self.thread.ident is None:
-            self.thread.start()
+        self.thread.start()
 
     def submit(self, sampled: _Sampled) -> None:
         if self.failure is not None:  # fail fast: the encoders stop at their next batch
@@ -161,16 +158,15 @@ class _RefereeThread:
 
     def _run(self) -> None:
         try:
-            self.engine.self_check()
+            self.engine.self_check(in_process_reference)
             while (sampled := self.pending.get()) is not None:
                 self._verify(sampled)
         except BaseException as error:  # handed to the stage, which fails
             self.failure = error
 
     def _verify(self, sampled: _Sampled) -> None:
-        encoding = referee()
-        for row, text, ids in zip(sampled.rows, sampled.texts, sampled.ids):
-            got, expected = ids.tolist(), encoding.encode_ordinary(text)
+        for row, ids, expected in zip(sampled.rows, sampled.ids, in_process_reference(sampled.texts)):
+            got = ids.tolist()
             if got != expected:
                 at = next((k for k, (a, b) in enumerate(zip(got, expected)) if a != b), min(len(got), len(expected)))
                 raise EngineMismatch(
@@ -182,7 +178,6 @@ class _RefereeThread:
 
     def close(self) -> int:
         """Wait for every check; the number of documents verified, or the first failure raised."""
-        self.start()
         self.pending.put(None)
         self.thread.join()
         if self.failure is not None:
@@ -416,9 +411,12 @@ def tokenize_parquet(
 
     progress(rows_done, rows_total) is called after each batch. On any error the shards
     written so far are removed, so out_dir never holds a partial result that looks complete.
-    config.num_workers processes tokenize: this one and num_workers - 1 helpers (0: one per
-    core, as many as the text pays for: see TEXT_BYTES_PER_HELPER); config.engine is the BPE
-    engine (gpt/tokenize_engine.py). The output depends on neither.
+    config.num_workers encoders tokenize (0: one per core, as many as the text pays for: see
+    TEXT_BYTES_PER_HELPER): threads of this process for the native engine, else this process
+    and num_workers - 1 helper processes; config.engine is the BPE engine
+    (gpt/tokenize_engine.py). The output depends on neither. If the native engine, chosen by
+    `auto`, fails its self-check (which runs beside its first batches), nothing of it is kept
+    and the stage runs again with the next engine, after a warning.
     """
     try:
         return _tokenize_parquet(files, out_dir, config, text_column, max_rows, progress, file_keys, require_both_splits)
@@ -460,8 +458,6 @@ def _tokenize_parquet(files: list[Path], out_dir: Path, config: TokenizeConfig, 
             results = pool.encoded_in_order(jobs, _finisher(config, engine, checks, keys), loaded_engine=engine.tokenizer)
             with contextlib.closing(results):
                 for result in results:
-                    if checks:
-                        checks.start()  # the encoders have their batches now
                     _write(result, writers, totals)
                     if progress:
                         progress(totals.rows, rows_total)
