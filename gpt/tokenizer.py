@@ -449,7 +449,7 @@ def _tokenize_parquet(files: list[Path], out_dir: Path, config: TokenizeConfig, 
     checks: _RefereeThread | None = None
     try:
         with pool, ThreadPoolExecutor(1, thread_name_prefix="tokenize-engine") as starter:
-            choosing = starter.submit(select_engine, config.engine, os.environ.get("XMODE") != "sync")  # loaded in this process meanwhile; its self-check may come later (checks)
+            choosing = starter.submit(select_engine, config.engine, True)  # loaded in this process meanwhile; a native engine is self-checked by `checks`
             jobs = _read_while(_jobs(files, list(schemas), text_column, max_rows), choosing, limit=READ_AHEAD_JOBS)
             engine = choosing.result()  # a clear error if the engine asked for is unusable
             pool.use(engine.spec)
