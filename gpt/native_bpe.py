@@ -112,7 +112,8 @@ class NativeBpe:
         try:
             self.lib = ctypes.CDLL(str(library))
         except OSError as error:
-            raise NativeBuildError(f"cannot load {library} ({error}); delete it to rebuild, or set tokenize.engine=fastokens or tiktoken") from None
+            raise NativeBuildError(f"cannot load {library} ({error}); delete it to rebuild, "
+                                   "or set tokenize.engine=fastokens or tiktoken") from None
         self.lib.gpt2_bpe_new_from_encoder_json.restype = ctypes.c_void_p
         self.lib.gpt2_bpe_new_from_encoder_json.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint32]
         self.lib.gpt2_bpe_token.restype = ctypes.c_size_t

@@ -266,7 +266,8 @@ def fastokens_engine() -> Engine:
         first_line = (str(loaded["error"]).splitlines() or [type(loaded["error"]).__name__])[0]
         raise EngineError(f"fastokens {version} cannot load GPT-2's tokenizer.json ({first_line}); "
                           f"pip install {FASTOKENS_REQUIREMENT}, or set tokenize.engine=tiktoken")
-    difference = self_check_difference(fastokens_batch_encoder(loaded["tokenizer"]), lambda texts: [reference.encode_ordinary(t) for t in texts])
+    reference_ids = lambda texts: [reference.encode_ordinary(text) for text in texts]  # noqa: E731
+    difference = self_check_difference(fastokens_batch_encoder(loaded["tokenizer"]), reference_ids)
     if difference is not None:
         raise EngineError(f"fastokens {version} is not exactly GPT-2 on the self-check ({difference}); "
                           f"pip install {FASTOKENS_REQUIREMENT}, or set tokenize.engine=tiktoken")

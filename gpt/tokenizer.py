@@ -205,8 +205,9 @@ def _finisher(config: TokenizeConfig, engine: Engine, checks: _RefereeThread | N
         lengths = np.frombuffer(encoded.lengths, np.uint32).astype(np.int64)
         ids = np.frombuffer(encoded.tokens, np.uint32)
         mismatches = reencoded = 0
-        if refereed and config.verify_fraction > 0 and (sampled := _sample(job, key, ids, np.concatenate([[0], np.cumsum(lengths)]), config)):
-            checks.submit(sampled)
+        if refereed and config.verify_fraction > 0:
+            if sampled := _sample(job, key, ids, np.concatenate([[0], np.cumsum(lengths)]), config):
+                checks.submit(sampled)
         if job.token_counts is not None:  # FineWeb's own GPT-2 counts: a document the engine counts otherwise is re-encoded
             known = job.token_counts >= 0
             differing = np.flatnonzero(known & (job.token_counts != lengths))
@@ -306,7 +307,8 @@ def _jobs(files: list[Path], schemas: list[pa.Schema], text_column: str, max_row
         columns = [text_column] + ([TOKEN_COUNT_COLUMN] if _has_token_counts(schema) else [])
         first_row = 0
         with pq.ParquetFile(path) as parquet:
-            for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=columns, use_threads=False):  # one column: Arrow's pool only adds its start (~0.05 s)
+            # one column: Arrow's thread pool would only add its start (~0.05 s)
+            for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=columns, use_threads=False):
                 if remaining is not None:
                     if remaining == 0:
                         return
@@ -449,7 +451,8 @@ def _tokenize_parquet(files: list[Path], out_dir: Path, config: TokenizeConfig, 
     checks: _RefereeThread | None = None
     try:
         with pool, ThreadPoolExecutor(1, thread_name_prefix="tokenize-engine") as starter:
-            choosing = starter.submit(select_engine, config.engine, True)  # loaded in this process meanwhile; a native engine is self-checked by `checks`
+            # loaded in this process meanwhile; a native engine is self-checked by `checks`, below
+            choosing = starter.submit(select_engine, config.engine, True)
             jobs = _read_while(_jobs(files, list(schemas), text_column, max_rows), choosing, limit=READ_AHEAD_JOBS)
             engine = choosing.result()  # a clear error if the engine asked for is unusable
             pool.use(engine.spec)
