@@ -22,13 +22,13 @@ $(STAMP): pyproject.toml tools/torch_variant.py
 	@# the torch build first: left to the resolver, torch==X comes as PyPI's ~3 GB CUDA build on any machine
 	$(PYTHON) tools/torch_variant.py install --python $(PY)
 	$(PY) -m pip install --quiet -e '.[dev]'
-	@# the tokenize stage's C engine, compiled ahead (else on first use); without a C compiler, tokenize.engine=auto uses fastokens
-	@$(PY) -m gpt.native_bpe >/dev/null || echo "could not build the native tokenizer engine: tokenize.engine=auto will use fastokens"
 	@rm -f $(VENV)/.installed $(VENV)/.installed-torch-*
 	@touch $(STAMP)
 
 venv: $(STAMP)  ## create or refresh .venv; torch's CUDA build where nvidia-smi answers, else CPU (TORCH_VARIANT=cpu|cu126|cu128|cu130)
 	@echo "torch: the $(DETECTED_TORCH_VARIANT) build in $(VENV)"
+	@# the tokenize stage's C engine, compiled ahead when its source changed (else on first use)
+	@$(PY) -m gpt.native_bpe >/dev/null || echo "could not build the native tokenizer engine: tokenize.engine=auto will use fastokens (or tiktoken)"
 
 demo: venv  ## run the whole pipeline offline on configs/demo.yaml
 	$(PY) -m flows.fineweb_pretrain --config configs/demo.yaml

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tiktoken
 
 from configs.errors import UserError
 from gpt.encoding import EOT, gpt2_file
@@ -77,9 +78,18 @@ def build_library() -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise NativeBuildError(f"cannot create {target.parent} ({error.strerror}); set FINEWEB_NATIVE_CACHE to a writable folder") from None
-    with tempfile.TemporaryDirectory(dir=target.parent) as building:  # same file system: the rename below is atomic
+    try:
+        building_dir = tempfile.TemporaryDirectory(dir=target.parent)  # same file system: the rename below is atomic
+    except OSError as error:
+        raise NativeBuildError(f"cannot write in {target.parent} ({error.strerror}); "
+                               "set FINEWEB_NATIVE_CACHE to a writable folder") from None
+    with building_dir as building:
         partial = Path(building) / target.name
-        result = subprocess.run([compiler(), *CFLAGS, "-o", str(partial), str(SOURCES[0])], capture_output=True, text=True)
+        try:
+            result = subprocess.run([compiler(), *CFLAGS, "-o", str(partial), str(SOURCES[0])], capture_output=True, text=True)
+        except OSError as error:
+            raise NativeBuildError(f"{compiler()} could not run ({error.strerror}); set CC to a working C compiler, "
+                                   "or set tokenize.engine=fastokens or tiktoken") from None
         if result.returncode != 0:
             first = next((line for line in result.stderr.splitlines() if "error" in line), result.stderr.strip()[:200])
             raise NativeBuildError(f"{compiler()} could not compile {SOURCES[0].name} ({first}); "
@@ -121,6 +131,12 @@ class NativeBpe:
         self.lib.gpt2_bpe_free.argtypes = [ctypes.c_void_p]
         self.lib.gpt2_bpe_encode_batch.restype = ctypes.c_size_t
         self.lib.gpt2_bpe_encode_batch.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_size_t] + [ctypes.c_void_p] * 3
+        self.lib.gpt2_bpe_classes_tiktoken_version.restype = ctypes.c_char_p
+        classes_from = self.lib.gpt2_bpe_classes_tiktoken_version().decode()
+        if classes_from != tiktoken.__version__:  # its Unicode version, and so its letters and digits, may differ
+            raise NativeBuildError(f"the native engine's Unicode classes come from tiktoken {classes_from}, this is tiktoken "
+                                   f"{tiktoken.__version__}; pip install tiktoken=={classes_from}, or regenerate them with "
+                                   "tools/gpt2_unicode_classes.py, or set tokenize.engine=fastokens")
         self.lib.gpt2_cache_new.restype = ctypes.c_void_p
         self.lib.gpt2_cache_free.argtypes = [ctypes.c_void_p]
         self.caches = threading.local()  # each thread's cache of merged pieces (the C table itself is read-only)
@@ -144,8 +160,8 @@ class NativeBpe:
             self.caches.cache = _ThreadCache(self.lib)
         return self.caches.cache.address
 
-    def close(self) -> None:
-        if self.table:
+    def __del__(self) -> None:  # no thread can be encoding with it: they would hold a reference
+        if getattr(self, "table", None):
             self.lib.gpt2_bpe_free(self.table)
             self.table = None
 

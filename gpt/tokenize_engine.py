@@ -8,7 +8,8 @@ memory. Both are built from the same sha256-checked `encoder.json` and `vocab.bp
 tiktoken's GPT-2 is built from (gpt/encoding.py), with "<|endoftext|>" in a document as
 ordinary text, as in tiktoken's `encode_ordinary`. Nothing is downloaded.
 
-An engine is used only after it passes a self-check: a fixed battery of hard strings
+An engine is trusted only once it passes a self-check (the native engine's runs beside its
+first batches, and nothing it encoded is kept if it fails): a fixed battery of hard strings
 (contractions after tabs, U+180E and every other space-like character, emoji sequences,
 "<|endoftext|>" as text, long whitespace runs, all scripts and categories) whose ids must equal
 tiktoken's. `auto` takes the first of native, fastokens that can be used and passes,
@@ -60,7 +61,7 @@ class EngineFallbackWarning(UserWarning):
 class Engine:
     """A checked engine: what every encoder (this process's and each helper's) builds itself from."""
 
-    name: str  # "fastokens" or "tiktoken"
+    name: str  # "native", "fastokens" or "tiktoken"
     version: str
     spec: dict[str, Any] = field(repr=False)  # picklable, sent to helper processes (gpt/tokenize_worker.py)
     tokenizer: Any = field(default=None, repr=False, compare=False)  # the native or fastokens tokenizer, loaded in this process

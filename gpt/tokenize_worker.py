@@ -327,7 +327,8 @@ class HelperProcess:
 
 
 class EncoderPool:
-    """This process's encoder and num_workers - 1 helper processes, each driven by a thread here.
+    """num_workers encoders, each driven by a thread here: for the native engine, threads of this
+    process; for the others, this process's encoder and num_workers - 1 helper processes.
 
     The helpers start at once and build their engine (~0.35 s for fastokens) while the caller
     checks its own; `encoded_in_order` then adds this process's encoder, on a thread of its own
@@ -434,6 +435,8 @@ def _serve(encoder: Any, pending: queue.SimpleQueue, start_failures: list[BaseEx
 
 def main() -> None:
     """A helper: serve batches from stdin to stdout until the parent closes stdin."""
+    # run as a script with -P: the project (for gpt/gpt2_vocabulary.py) is found from here, installed or not
+    sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     encode_batch = batch_encoder(read_spec(stdin))
     stdout.write(_SIZE.pack(READY))

@@ -1,7 +1,7 @@
 """The tokenize stage: parquet text → llm.c token shards of GPT-2 ids.
 
 `tokenize_parquet` streams parquet record batches, encodes them with the encoders of
-gpt/tokenize_worker.py (this process and helper processes) running the engine that
+gpt/tokenize_worker.py (threads of this process, or helper processes) running the engine that
 gpt/tokenize_engine.py chose and checked, puts `<|endoftext|>` before every document, sends
 each whole document to train or val by a seeded hash of its (file, row) position, and fills
 llm.c shards of at most `shard_tokens` tokens with storage.shards.ShardWriter.
@@ -49,6 +49,7 @@ DOC_TOKENS_FILE = "doc_tokens.npy"  # tokens per document (uint32), in the order
 TEXT_BYTES_PER_HELPER = {"native": 4_000_000, "fastokens": 32_000_000, "tiktoken": 2_000_000}
 BATCH_ROWS = 256  # documents per job (~0.4 M tokens of FineWeb, ~0.02 s with fastokens, ~0.15 s with tiktoken): big enough to amortise a pipe round trip, small enough to balance the last jobs
 READ_AHEAD_JOBS = 16  # jobs read while the engine starts (~27 MB of FineWeb text)
+REFEREE_QUEUE = 64  # jobs' sampled documents waiting for tiktoken (1% of ~1.7 MB each): bounds memory if it falls behind
 
 
 class TokenizeError(UserError):
@@ -145,24 +146,42 @@ class _RefereeThread:
 
     def __init__(self, engine: Engine, files: list[Path]) -> None:
         self.engine, self.files = engine, files
-        self.pending: queue.SimpleQueue = queue.SimpleQueue()
+        self.pending: queue.Queue = queue.Queue(maxsize=REFEREE_QUEUE)  # full: the encoders wait for tiktoken
+        self.stopped = threading.Event()
         self.verified = 0
         self.failure: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="tokenize-referee", daemon=True)
         self.thread.start()
 
-    def submit(self, sampled: _Sampled) -> None:
-        if self.failure is not None:  # fail fast: the encoders stop at their next batch
+    def raise_failure(self) -> None:
+        """The first check that failed, raised (the encoders call it for every batch: the run stops soon)."""
+        if self.failure is not None:
             raise self.failure
-        self.pending.put(sampled)
+
+    def submit(self, sampled: _Sampled) -> None:
+        self.raise_failure()
+        while not self.stopped.is_set():
+            try:
+                self.pending.put(sampled, timeout=0.1)
+                return
+            except queue.Full:
+                self.raise_failure()
+
+    def stop(self) -> None:
+        """Stop after the document being checked (the stage failed)."""
+        self.stopped.set()
+        with contextlib.suppress(queue.Full):
+            self.pending.put_nowait(None)  # wakes it if it waits for work
 
     def _run(self) -> None:
         try:
             self.engine.self_check(in_process_reference)
-            while (sampled := self.pending.get()) is not None:
+            while not self.stopped.is_set() and (sampled := self.pending.get()) is not None:
                 self._verify(sampled)
         except BaseException as error:  # handed to the stage, which fails
             self.failure = error
+        finally:
+            self.stopped.set()  # no encoder waits on a queue nobody drains
 
     def _verify(self, sampled: _Sampled) -> None:
         for row, ids, expected in zip(sampled.rows, sampled.ids, in_process_reference(sampled.texts)):
@@ -178,7 +197,12 @@ class _RefereeThread:
 
     def close(self) -> int:
         """Wait for every check; the number of documents verified, or the first failure raised."""
-        self.pending.put(None)
+        while self.thread.is_alive():
+            try:
+                self.pending.put(None, timeout=0.1)
+                break
+            except queue.Full:
+                continue
         self.thread.join()
         if self.failure is not None:
             raise self.failure
@@ -205,8 +229,9 @@ def _finisher(config: TokenizeConfig, engine: Engine, checks: _RefereeThread | N
         lengths = np.frombuffer(encoded.lengths, np.uint32).astype(np.int64)
         ids = np.frombuffer(encoded.tokens, np.uint32)
         mismatches = reencoded = 0
-        if refereed and config.verify_fraction > 0:
-            if sampled := _sample(job, key, ids, np.concatenate([[0], np.cumsum(lengths)]), config):
+        if refereed:
+            checks.raise_failure()  # a failed self-check stops the run at the next batch, sampled or not
+            if config.verify_fraction > 0 and (sampled := _sample(job, key, ids, np.concatenate([[0], np.cumsum(lengths)]), config)):
                 checks.submit(sampled)
         if job.token_counts is not None:  # FineWeb's own GPT-2 counts: a document the engine counts otherwise is re-encoded
             known = job.token_counts >= 0
@@ -422,7 +447,7 @@ def tokenize_parquet(
     """
     try:
         return _tokenize_parquet(files, out_dir, config, text_column, max_rows, progress, file_keys, require_both_splits)
-    except SelfCheckFailure:  # late, so nothing was written: `auto` runs again with the next engine, after a warning
+    except SelfCheckFailure:  # late, its shards removed: `auto` runs again with the next engine, after a warning
         if config.engine != "auto":
             raise
         choose_again()
@@ -475,7 +500,7 @@ def _tokenize_parquet(files: list[Path], out_dir: Path, config: TokenizeConfig, 
                 )
     except BaseException as error:
         if checks is not None:
-            checks.pending.put(None)  # it stops after what it is doing
+            checks.stop()
         for writer in writers.values():
             writer.remove_written()
         if isinstance(error, EncoderFailed):

@@ -129,6 +129,14 @@ def test_a_missing_or_failing_compiler_is_one_line_and_auto_moves_on(tmp_path, m
         forget_engines()
 
 
+def test_a_tiktoken_of_another_unicode_version_is_refused_in_one_line(monkeypatch, fresh):
+    monkeypatch.setattr(native_bpe.tiktoken, "__version__", "0.99.0")  # its regex engine may class characters otherwise
+    with pytest.raises(EngineError, match=r"Unicode classes come from tiktoken 0\.14\.0, this is tiktoken 0\.99\.0; "
+                                          r"pip install tiktoken==0\.14\.0") as error:
+        select_engine("native")
+    assert "\n" not in str(error.value)
+
+
 def test_auto_chooses_native_and_records_its_source(tmp_path):
     forget_engines()
     try:
@@ -192,9 +200,10 @@ def test_a_native_engine_failing_its_late_self_check_writes_nothing_and_auto_mov
     _wrong_on(monkeypatch, "\u180e")
     path = _docs(tmp_path, [f"document {i} with\tit's" for i in range(300)])
     config = TokenizeConfig(engine="native", val_fraction=0.1, shard_tokens=1024, num_workers=2)
-    with pytest.raises(SelfCheckFailure, match=r"native \w+ is not exactly GPT-2 on the self-check .*tokenize.engine=fastokens") as error:
-        tokenize_parquet([path], tmp_path / "native", config)
-    assert "\n" not in str(error.value) and not list((tmp_path / "native").glob("*.bin"))
+    for verify_fraction in (0.01, 0.0):  # without a sample to hand over, the encoders still stop on the failure
+        with pytest.raises(SelfCheckFailure, match=r"native \w+ is not exactly GPT-2 on the self-check .*tokenize.engine=fastokens") as error:
+            tokenize_parquet([path], tmp_path / f"native-{verify_fraction}", config.model_copy(update={"verify_fraction": verify_fraction}))
+        assert "\n" not in str(error.value) and not list((tmp_path / f"native-{verify_fraction}").glob("*.bin"))
 
     forget_engines()
     with pytest.warns(EngineFallbackWarning, match=r"tokenize.engine=auto uses fastokens: native \w+ is not exactly GPT-2"):

@@ -10,9 +10,9 @@
  *      pair, always the pair whose joined bytes have the lowest rank, the leftmost on a tie
  *      (tiktoken's byte_pair_merge).
  *
- * The vocabulary is handed in by the caller (tiktoken's checked GPT-2 ranks, token i = rank i)
- * and held in an open-addressing hash table whose slots carry the first 8 bytes of their
- * token, so a lookup touches one cache line. Nothing is written to it after gpt2_bpe_new
+ * The vocabulary is read here from the caller's checked GPT-2 encoder.json (token i = rank i)
+ * into an open-addressing hash table whose slots carry the first 8 bytes of their token, so a
+ * lookup touches one cache line. Nothing is written to it after gpt2_bpe_new_from_encoder_json
  * returns: any number of threads may encode with one table at once, each with a cache of its
  * own for the pieces it merged (gpt2_cache_new).
  */
@@ -43,6 +43,7 @@ typedef struct {
     int shift;                   /* 64 - log2(slots): a hash's top bits pick its slot */
     uint8_t *bytes;              /* every token's bytes, token after token */
     uint64_t *starts;            /* token t is bytes[starts[t]:starts[t + 1]] */
+    uint32_t count;              /* tokens */
 } Gpt2Bpe;
 
 static inline uint64_t load64(const uint8_t *p) {
@@ -105,9 +106,7 @@ static inline uint32_t rank_of(const Gpt2Bpe *b, const uint8_t *p, size_t size) 
  * byte pair by byte pair, and the same words come back (in text of other languages most
  * words are such pieces). Direct-mapped by the piece's hash; pieces of up to CACHE_KEY_BYTES
  * bytes and CACHE_TOKENS tokens. */
-#ifndef CACHE_ENTRIES
 #define CACHE_ENTRIES 8192
-#endif
 #define CACHE_KEY_BYTES 22
 #define CACHE_TOKENS 6
 typedef struct {
@@ -136,7 +135,8 @@ void gpt2_bpe_free(Gpt2Bpe *b) {
 }
 
 /* A table for `count` tokens: token t is bytes[starts[t]:starts[t + 1]]. NULL when out of memory. */
-Gpt2Bpe *gpt2_bpe_new(const uint8_t *bytes, const uint64_t *starts, uint32_t count) {
+static Gpt2Bpe *gpt2_bpe_new(const uint8_t *bytes, const uint64_t *starts, uint32_t count) {
+    if (count == 0) return NULL;
     Gpt2Bpe *b = calloc(1, sizeof(Gpt2Bpe));
     if (!b) return NULL;
     for (int r = 0; r < CLASS_RANGE_COUNT; r++)
@@ -159,6 +159,7 @@ Gpt2Bpe *gpt2_bpe_new(const uint8_t *bytes, const uint64_t *starts, uint32_t cou
         gpt2_bpe_free(b);
         return NULL;
     }
+    b->count = count;
     memcpy(b->bytes, bytes, starts[count]);
     memcpy(b->starts, starts, (count + 1) * sizeof(uint64_t));
     for (uint32_t t = 0; t < count; t++) {
@@ -283,8 +284,13 @@ done:
     return b;
 }
 
+/* The tiktoken version unicode_classes.h was generated against: its Unicode classes are that
+ * version's (gpt/native_bpe.py refuses the engine beside another tiktoken). */
+const char *gpt2_bpe_classes_tiktoken_version(void) { return CLASSES_TIKTOKEN_VERSION; }
+
 /* Token `rank`'s bytes (for tests): their length, and where they are in *bytes. */
 size_t gpt2_bpe_token(const Gpt2Bpe *b, uint32_t rank, const uint8_t **bytes) {
+    if (rank >= b->count) return 0;
     *bytes = b->bytes + b->starts[rank];
     return b->starts[rank + 1] - b->starts[rank];
 }
