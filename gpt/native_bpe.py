@@ -29,7 +29,6 @@ import tiktoken
 
 from configs.errors import UserError
 from gpt.encoding import EOT, gpt2_file
-from gpt.tokenize_worker import tiktoken_utf8
 
 SOURCE_DIR = Path(__file__).resolve().parent / "native"
 SOURCES = (SOURCE_DIR / "gpt2_bpe.c", SOURCE_DIR / "unicode_classes.h")
@@ -101,6 +100,14 @@ def build_library() -> Path:
 def _address(buffer: Any) -> int:
     """The address of a readable buffer (bytes, a numpy array, an Arrow buffer), without a copy."""
     return np.frombuffer(buffer, np.uint8).ctypes.data if len(memoryview(buffer)) else 0
+
+
+def _utf8(text: str) -> bytes:
+    """A text's UTF-8; lone surrogates become U+FFFD, one each, as tiktoken's encode_ordinary makes them."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace").encode("utf-8")
 
 
 class _ThreadCache:
@@ -193,7 +200,7 @@ class NativeBpe:
 
     def encode_batch(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """texts → (their tokens, concatenated; tokens per text): the engines' common batch interface."""
-        raw = [tiktoken_utf8(text) for text in texts]
+        raw = [_utf8(text) for text in texts]
         sizes = np.array([len(text) for text in raw], np.int64)
         ends = np.cumsum(sizes)
         lengths, _, _, tokens = self.encode_spans(b"".join(raw), ends - sizes, ends)

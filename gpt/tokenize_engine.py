@@ -28,8 +28,8 @@ import json
 import os
 import threading
 import warnings
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
@@ -37,7 +37,7 @@ import tiktoken
 
 from configs.errors import UserError
 from gpt import native_bpe
-from gpt.encoding import gpt2_encoding, gpt2_file
+from gpt.encoding import gpt2_encoding, gpt2_encoding_arguments, gpt2_file
 from gpt.tokenize_worker import ONE_CORE_ENV, fastokens_batch_encoder
 
 ENGINES = ("auto", "native", "fastokens", "tiktoken")
@@ -65,17 +65,16 @@ class Engine:
     version: str
     spec: dict[str, Any] = field(repr=False)  # picklable, sent to helper processes (gpt/tokenize_worker.py)
     tokenizer: Any = field(default=None, repr=False, compare=False)  # the native or fastokens tokenizer, loaded in this process
-    deferred_check: Callable[[ReferenceIds], None] | None = field(default=None, repr=False, compare=False)  # select_engine's check_later
+    deferred_check: Callable[[], None] | None = field(default=None, repr=False, compare=False)  # select_engine's check_later
 
     @property
     def label(self) -> str:
         return f"{self.name} {self.version}"
 
-    def self_check(self, reference_ids: ReferenceIds) -> None:
-        """Run the self-check left for later, if any, against `reference_ids` (tiktoken's ids);
-        SelfCheckFailure if the engine fails it."""
+    def self_check(self) -> None:
+        """Run the self-check left for later, if any; SelfCheckFailure if the engine fails it."""
         if self.deferred_check is not None:
-            self.deferred_check(reference_ids)
+            self.deferred_check()
 
 
 def referee() -> tiktoken.Encoding:
@@ -154,21 +153,18 @@ SELF_CHECK_TEXTS = (
 )
 
 
-ReferenceIds = Callable[[list[str]], list[list[int]]]  # texts → tiktoken's GPT-2 ids for each
-
-
-def in_process_reference(texts: list[str]) -> list[list[int]]:
-    """tiktoken's ids, from this process's referee."""
+def referee_ids(texts: list[str]) -> list[list[int]]:
+    """tiktoken's ids for each text: what every engine's must equal."""
     encoding = referee()
     return [encoding.encode_ordinary(text) for text in texts]
 
 
-def self_check_difference(encode_batch: Any, reference_ids: ReferenceIds = in_process_reference) -> str | None:
+def self_check_difference(encode_batch: Any) -> str | None:
     """Where an engine's batch encoder first disagrees with tiktoken on SELF_CHECK_TEXTS, or None."""
     tokens, lengths = encode_batch(list(SELF_CHECK_TEXTS))
     tokens = memoryview(tokens).cast("B").cast("I")
     start = 0
-    for text, length, expected in zip(SELF_CHECK_TEXTS, lengths, reference_ids(list(SELF_CHECK_TEXTS))):
+    for text, length, expected in zip(SELF_CHECK_TEXTS, lengths, referee_ids(list(SELF_CHECK_TEXTS))):
         got = tokens[start : start + length].tolist()
         start += length
         if got != expected:
@@ -189,7 +185,7 @@ def engine_spec(name: str) -> dict[str, Any]:
         return {"engine": "native"}
     if name == "fastokens":
         return {"engine": "fastokens", "tokenizer_json": gpt2_tokenizer_json()}
-    return {"engine": "tiktoken", "encoder_json": gpt2_file("encoder.json")}  # checked here; each encoder builds tiktoken from it
+    return {"engine": "tiktoken", "arguments": gpt2_encoding_arguments()}
 
 
 def planned_engine(requested: str) -> str:
@@ -224,8 +220,8 @@ def native_engine(check_later: bool = False) -> Engine:
         raise EngineError(str(error)) from None
     version = native_bpe.source_digest()
 
-    def self_check(reference_ids: ReferenceIds = in_process_reference) -> None:
-        difference = self_check_difference(tokenizer.encode_batch, reference_ids)
+    def self_check() -> None:
+        difference = self_check_difference(tokenizer.encode_batch)
         if difference is not None:
             _refused["native"] = (f"native {version} is not exactly GPT-2 on the self-check ({difference}); "
                                   "set tokenize.engine=fastokens or tiktoken, and report it")
@@ -260,15 +256,14 @@ def fastokens_engine() -> Engine:
 
     loader = threading.Thread(target=load, name="fastokens-load")
     loader.start()
-    reference = referee()  # tiktoken's start, while fastokens loads
+    referee()  # tiktoken's start, while fastokens loads
     loader.join()
     version = _fastokens_version()
     if "error" in loaded:
         first_line = (str(loaded["error"]).splitlines() or [type(loaded["error"]).__name__])[0]
         raise EngineError(f"fastokens {version} cannot load GPT-2's tokenizer.json ({first_line}); "
                           f"pip install {FASTOKENS_REQUIREMENT}, or set tokenize.engine=tiktoken")
-    reference_ids = lambda texts: [reference.encode_ordinary(text) for text in texts]  # noqa: E731
-    difference = self_check_difference(fastokens_batch_encoder(loaded["tokenizer"]), reference_ids)
+    difference = self_check_difference(fastokens_batch_encoder(loaded["tokenizer"]))
     if difference is not None:
         raise EngineError(f"fastokens {version} is not exactly GPT-2 on the self-check ({difference}); "
                           f"pip install {FASTOKENS_REQUIREMENT}, or set tokenize.engine=tiktoken")

@@ -3,7 +3,7 @@ in helper processes that run this file, with the pipe protocol between them and 
 shares the batches out.
 
 An encoder runs one of three engines, named by an engine spec (gpt/tokenize_engine.py builds and
-checks it): `{"engine": "tiktoken", "encoder_json": the checked bytes of GPT-2's encoder.json}`,
+checks it): `{"engine": "tiktoken", "arguments": tiktoken.Encoding's keyword arguments}`,
 `{"engine": "fastokens", "tokenizer_json": GPT-2 as a tokenizer.json}` or `{"engine": "native"}`
 (the C engine of gpt/native_bpe.py, loaded in this process). All give GPT-2's ids with
 "<|endoftext|>" in a text as ordinary text; each encoder uses one core. The native engine runs
@@ -11,9 +11,9 @@ on threads of this process only (it leaves the GIL while it encodes and starts i
 the others also run in helper processes.
 
 A helper runs this file as a script (`python -P gpt/tokenize_worker.py`), so this module imports
-only the standard library, the engine and gpt/gpt2_vocabulary.py (no numpy, pyarrow, project
-config, or the caller's `__main__`, which a Prefect run would be) and a helper starts in ~0.1 s,
-plus the engine's own start (~0.08 s for tiktoken, ~0.3 s for fastokens). The parent sends the engine spec once (the
+only the standard library and the engine (no numpy, pyarrow, project package, or the caller's
+`__main__`, which a Prefect run would be) and a helper starts in ~0.1 s, plus the engine's own
+start (~0.03 s for tiktoken, ~0.3 s for fastokens). The parent sends the engine spec once (the
 vocabulary files are read and checked once, by the parent), then batches; the helper answers
 each batch in order and exits at the end of its input.
 
@@ -32,7 +32,6 @@ The pickle comes from the parent that started the helper, over its own pipe.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import pickle
 import queue
@@ -83,19 +82,12 @@ class EncoderFailed(Exception):
 # ---------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=1)
-def _tiktoken_arguments(encoder_json: bytes) -> dict[str, Any]:
-    from gpt import gpt2_vocabulary  # standard library and tiktoken only
-
-    return gpt2_vocabulary.tiktoken_arguments(encoder_json)
-
-
-def new_encoding(spec: dict[str, Any]) -> Any:
+def new_encoding(arguments: dict[str, Any]) -> Any:
     """A fresh tiktoken.Encoding (its own regex caches: tiktoken's regex runs ~1.5× slower on
     a thread other than the first one to use an encoding, so each encoding thread builds its own)."""
     import tiktoken  # here, not at the top: a fastokens helper never loads it
 
-    return tiktoken.Encoding(**_tiktoken_arguments(spec["encoder_json"]))
+    return tiktoken.Encoding(**arguments)
 
 
 def buffer_encoder(enc: Any) -> Callable[[str], Any]:
@@ -149,7 +141,7 @@ def batch_encoder(spec: dict[str, Any], loaded_engine: Any = None) -> EncodeBatc
     tiktoken gets a fresh encoding per thread (see new_encoding)."""
     if spec["engine"] == "fastokens":
         return fastokens_batch_encoder(loaded_engine or load_fastokens(spec["tokenizer_json"]))
-    return tiktoken_batch_encoder(new_encoding(spec))
+    return tiktoken_batch_encoder(new_encoding(spec["arguments"]))
 
 
 def encode_texts(encode_batch: EncodeBatch, data: memoryview, starts: Iterable[int], ends: Iterable[int]) -> Encoded:
@@ -168,14 +160,6 @@ def encode_texts(encode_batch: EncodeBatch, data: memoryview, starts: Iterable[i
             invalid.append(1)
     tokens, lengths = encode_batch(texts)
     return Encoded(lengths, sizes, bytes(invalid), tokens)
-
-
-def tiktoken_utf8(text: str) -> bytes:
-    """A text's UTF-8; lone surrogates become U+FFFD, one each, as tiktoken's encode_ordinary makes them."""
-    try:
-        return text.encode("utf-8")
-    except UnicodeEncodeError:
-        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace").encode("utf-8")
 
 
 def _int64s(buffer: Any) -> memoryview:
@@ -286,7 +270,7 @@ class HelperProcess:
         self.ready = False
 
     def prepare(self) -> None:
-        """Send the engine spec (~1 MB for tiktoken, ~1.6 MB for fastokens, pickled) and wait
+        """Send the engine spec (~0.6 MB for tiktoken, ~1.6 MB for fastokens, pickled) and wait
         until the helper's engine is built, so a batch never waits behind an engine's start."""
         if self.spec is None:
             return
@@ -435,8 +419,6 @@ def _serve(encoder: Any, pending: queue.SimpleQueue, start_failures: list[BaseEx
 
 def main() -> None:
     """A helper: serve batches from stdin to stdout until the parent closes stdin."""
-    # run as a script with -P: the project (for gpt/gpt2_vocabulary.py) is found from here, installed or not
-    sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     encode_batch = batch_encoder(read_spec(stdin))
     stdout.write(_SIZE.pack(READY))

@@ -33,8 +33,8 @@ import pyarrow.parquet as pq
 
 from configs.errors import TransientError, UserError
 from gpt.encoding import EOT
-from gpt.tokenize_engine import (Engine, SelfCheckFailure, choose_again, engine_spec, in_process_reference, planned_engine,
-                                 referee, referee_label, select_engine)
+from gpt.tokenize_engine import (Engine, SelfCheckFailure, choose_again, engine_spec, planned_engine, referee, referee_ids,
+                                 referee_label, select_engine)
 from gpt.tokenize_worker import Encoded, EncoderFailed, EncoderPool
 from storage.shards import ShardWriter
 
@@ -140,8 +140,8 @@ class _RefereeThread:
     """tiktoken's checks of a faster engine, on a thread of their own: the engine's self-check if
     it was left for later (the native engine's: it needs tiktoken, whose ~0.08 s start the
     encoders do not wait for), then the sampled documents as the encoders hand them over. The
-    encoders never wait for it; the stage waits for it before it returns, so a failure fails
-    the run and its shards are removed. (Measured: tiktoken in a helper process instead costs
+    encoders wait for it only when REFEREE_QUEUE jobs' samples are waiting; the stage waits for
+    it before it returns, so a failure fails the run and its shards are removed. (Measured: tiktoken in a helper process instead costs
     more than the GIL it frees, on two cores.)"""
 
     def __init__(self, engine: Engine, files: list[Path]) -> None:
@@ -175,7 +175,7 @@ class _RefereeThread:
 
     def _run(self) -> None:
         try:
-            self.engine.self_check(in_process_reference)
+            self.engine.self_check()
             while not self.stopped.is_set() and (sampled := self.pending.get()) is not None:
                 self._verify(sampled)
         except BaseException as error:  # handed to the stage, which fails
@@ -184,7 +184,7 @@ class _RefereeThread:
             self.stopped.set()  # no encoder waits on a queue nobody drains
 
     def _verify(self, sampled: _Sampled) -> None:
-        for row, ids, expected in zip(sampled.rows, sampled.ids, in_process_reference(sampled.texts)):
+        for row, ids, expected in zip(sampled.rows, sampled.ids, referee_ids(sampled.texts)):
             got = ids.tolist()
             if got != expected:
                 at = next((k for k, (a, b) in enumerate(zip(got, expected)) if a != b), min(len(got), len(expected)))

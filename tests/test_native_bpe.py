@@ -16,7 +16,7 @@ import pytest
 
 from configs.schema import TokenizeConfig
 from gpt import native_bpe
-from gpt.encoding import gpt2_encoding, gpt2_token_bytes
+from gpt.encoding import gpt2_encoding, gpt2_encoding_arguments
 from gpt.tokenize_engine import EngineError, EngineFallbackWarning, SelfCheckFailure, forget_engines, select_engine
 from gpt.tokenizer import EngineMismatch, is_verified_document, tokenize_parquet
 from tests.test_tokenize_engine import SAMPLE, _shards, adversarial_texts
@@ -148,9 +148,9 @@ def test_auto_chooses_native_and_records_its_source(tmp_path):
 
 def test_the_c_table_holds_every_gpt2_token_as_tiktoken_has_it(native):
     """C reads encoder.json itself (JSON escapes, the byte-level alphabet): every rank's bytes are tiktoken's."""
-    joined, starts = gpt2_token_bytes()
-    assert len(starts) - 1 == 50256
-    assert all(native.token_bytes(rank) == joined[starts[rank] : starts[rank + 1]] for rank in range(len(starts) - 1))
+    ranks = gpt2_encoding_arguments()["mergeable_ranks"]
+    assert len(ranks) == 50256
+    assert all(native.token_bytes(rank) == token for token, rank in ranks.items())
 
 
 # ---------------------------------------------------------------------------------------
