@@ -8,7 +8,7 @@ clash; `make venv` builds it ahead (`python -m gpt.native_bpe`). ctypes releases
 each call, so threads of one process encode in parallel with one shared, read-only table. The
 vocabulary is the checked `encoder.json` tiktoken's GPT-2 ranks come from (gpt/encoding.py), read by C.
 
-    python -m gpt.native_bpe    # build (if needed) and print the library's path
+    python -m gpt.native_bpe    # build (if needed) and print the library's path; cache GPT-2's ranks for tiktoken
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import numpy as np
 import tiktoken
 
 from configs.errors import UserError
-from gpt.encoding import EOT, gpt2_file
+from gpt.encoding import EOT, cache_dir, gpt2_file, gpt2_ranks
 
 SOURCE_DIR = Path(__file__).resolve().parent / "native"
 SOURCES = (SOURCE_DIR / "gpt2_bpe.c", SOURCE_DIR / "unicode_classes.h")
@@ -50,10 +50,6 @@ def source_digest() -> str:
     for path in SOURCES:
         digest.update(path.read_bytes())
     return digest.hexdigest()[:12]
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("FINEWEB_NATIVE_CACHE") or Path.home() / ".cache" / "fineweb-pretrain" / "native")
 
 
 def library_path() -> Path:
@@ -209,3 +205,4 @@ class NativeBpe:
 
 if __name__ == "__main__":
     print(build_library())
+    gpt2_ranks()  # tiktoken's, for the referee (gpt/encoding.py)

@@ -17,7 +17,8 @@ import pytest
 
 from configs.schema import TokenizeConfig
 from gpt import tokenize_worker, tokenizer
-from gpt.encoding import EOT, gpt2_encoding, gpt2_encoding_arguments, gpt2_file
+from gpt import encoding
+from gpt.encoding import EOT, gpt2_encoding, gpt2_encoding_arguments, gpt2_file, gpt2_ranks, ranks_cache_path
 from gpt.tokenizer import TokenizeError, TokenizerCrashed, is_val_document, tokenize_parquet
 from storage.shards import ShardWriter, read_shard
 
@@ -60,6 +61,37 @@ def test_ranks_are_what_tiktoken_derives_from_the_merges(tmp_path):
         (tmp_path / name).write_bytes(gpt2_file(name))
     ranks = data_gym_to_mergeable_bpe_ranks(str(tmp_path / "vocab.bpe"), str(tmp_path / "encoder.json"))
     assert gpt2_encoding_arguments()["mergeable_ranks"] == ranks and len(ranks) == 50256
+
+
+def test_ranks_are_decoded_once_per_machine_and_a_damaged_cache_file_is_decoded_again(tmp_path, monkeypatch):
+    """The ranks tiktoken needs are kept in the cache folder (they cost ~0.04 s of GIL to decode);
+    a damaged file is noticed by its own sha256 and replaced; a folder that cannot be written
+    costs only the time."""
+    monkeypatch.setenv("FINEWEB_NATIVE_CACHE", str(tmp_path / "cache"))
+    decoded = encoding._ranks_from_encoder_json()
+    assert gpt2_ranks() == decoded and len(decoded) == 50256
+    cached = ranks_cache_path()
+    written = cached.read_bytes()
+    assert [p.name for p in cached.parent.iterdir()] == [cached.name]  # no partial file left behind
+
+    def refuse():
+        raise AssertionError("decoded again although the cache file is good")
+
+    monkeypatch.setattr(encoding, "_ranks_from_encoder_json", refuse)
+    assert gpt2_ranks() == decoded  # read back, not decoded
+
+    damaged = bytearray(written)
+    damaged[len(damaged) // 2] ^= 0x01
+    cached.write_bytes(bytes(damaged))
+    monkeypatch.setattr(encoding, "_ranks_from_encoder_json", lambda: decoded)
+    assert gpt2_ranks() == decoded and cached.read_bytes() == written  # decoded again and rewritten
+
+    cached.write_bytes(written[:1000])  # cut short
+    assert gpt2_ranks() == decoded and cached.read_bytes() == written
+
+    (tmp_path / "not-a-folder").write_text("")
+    monkeypatch.setenv("FINEWEB_NATIVE_CACHE", str(tmp_path / "not-a-folder"))
+    assert gpt2_ranks() == decoded
 
 
 @pytest.mark.skipif(not SAMPLE.exists(), reason="../shared FineWeb sample not present")
