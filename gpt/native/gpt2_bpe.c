@@ -11,10 +11,11 @@
  *      (tiktoken's byte_pair_merge).
  *
  * The vocabulary is read here from the caller's checked GPT-2 encoder.json (token i = rank i)
- * into an open-addressing hash table whose slots carry the first 8 bytes of their token, so a
- * lookup touches one cache line. Nothing is written to it after gpt2_bpe_new_from_encoder_json
- * returns: any number of threads may encode with one table at once, each with a cache of its
- * own for the pieces it merged (gpt2_cache_new).
+ * into an open-addressing hash table whose slots carry the first 8 bytes of their token and
+ * where the rest is, so a lookup of a token of up to 8 bytes touches one cache line. Nothing
+ * is written to it after gpt2_bpe_new_from_encoder_json returns: any number of threads may
+ * encode with one table at once, each with a cache of its own for the pieces it merged
+ * (gpt2_cache_new).
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -29,7 +30,7 @@ enum { OTHER = 0, LETTER = 1, NUMBER = 2, SPACE = 3 };
 typedef struct {
     uint64_t head;  /* the token's first 8 bytes, zero-padded */
     uint32_t token; /* its id (= its rank) */
-    uint32_t size;  /* its length in bytes; 0: an empty slot */
+    uint32_t where; /* its length in bytes (low 8 bits) and where its bytes start in `bytes` (the rest) */
 } Slot;
 
 typedef struct {
@@ -78,6 +79,13 @@ static inline uint64_t hash_bytes(const uint8_t *p, size_t size) {
     return h;
 }
 
+/* Whether a[0:size] and b[0:size] are equal, without a call for the short ones. */
+static inline int same_bytes(const uint8_t *a, const uint8_t *b, size_t size) {
+    if (size <= 8) return head_of(a, size) == head_of(b, size);
+    if (size <= 16) return load64(a) == load64(b) && load64(a + size - 8) == load64(b + size - 8);
+    return memcmp(a, b, size) == 0;
+}
+
 static inline uint8_t tag_of(uint64_t h) {
     return (uint8_t)(h & 0xFF) | 1; /* low bits: the slot comes from the top bits */
 }
@@ -89,8 +97,8 @@ static inline uint32_t rank_hashed(const Gpt2Bpe *b, const uint8_t *p, size_t si
         if (b->tags[i] == 0) return NO_RANK;
         if (b->tags[i] != tag) continue;
         const Slot *slot = &b->slots[i];
-        if (slot->head == head_of(p, size) && slot->size == size &&
-            (size <= 8 || memcmp(b->bytes + b->starts[slot->token] + 8, p + 8, size - 8) == 0))
+        if (slot->head == head_of(p, size) && (slot->where & 0xFF) == size &&
+            (size <= 8 || same_bytes(b->bytes + (slot->where >> 8), p, size)))
             return slot->token;
     }
 }
@@ -136,11 +144,18 @@ void gpt2_bpe_free(Gpt2Bpe *b) {
 
 /* A table for `count` tokens: token t is bytes[starts[t]:starts[t + 1]]. NULL when out of memory. */
 static Gpt2Bpe *gpt2_bpe_new(const uint8_t *bytes, const uint64_t *starts, uint32_t count) {
-    if (count == 0) return NULL;
+    if (count == 0 || starts[count] >= (1u << 24)) return NULL; /* a slot keeps 24 bits of where */
+    for (uint32_t t = 0; t < count; t++)
+        if (starts[t + 1] - starts[t] == 0 || starts[t + 1] - starts[t] > 0xFF) return NULL; /* and 8 of the size */
     Gpt2Bpe *b = calloc(1, sizeof(Gpt2Bpe));
     if (!b) return NULL;
     for (int r = 0; r < CLASS_RANGE_COUNT; r++)
         memset(b->classes + CLASS_RANGES[r][0], (int)CLASS_RANGES[r][2], CLASS_RANGES[r][1] - CLASS_RANGES[r][0] + 1);
+    for (int c = 0; c < 0x80; c++) /* ascii_letters_end's assumption: the ASCII letters are a-z and A-Z */
+        if ((b->classes[c] == LETTER) != ((c | 0x20) >= 'a' && (c | 0x20) <= 'z')) {
+            free(b);
+            return NULL;
+        }
     memset(b->byte_rank, 0xff, sizeof b->byte_rank);
     memset(b->pair_rank, 0xff, sizeof b->pair_rank);
     uint32_t size = 1;
@@ -170,7 +185,7 @@ static Gpt2Bpe *gpt2_bpe_new(const uint8_t *bytes, const uint64_t *starts, uint3
         uint64_t h = hash_bytes(p, n);
         uint32_t i = (uint32_t)(h >> b->shift);
         while (b->tags[i]) i = (i + 1) & b->mask;
-        b->slots[i] = (Slot){head_of(p, n), t, (uint32_t)n};
+        b->slots[i] = (Slot){head_of(p, n), t, (uint32_t)(starts[t] << 8 | n)};
         b->tags[i] = tag_of(h);
     }
     return b;
@@ -389,6 +404,20 @@ static int valid_utf8(const uint8_t *s, size_t n) {
     return 1;
 }
 
+/* Where the run of ASCII letters at s[i:] ends, judged eight bytes at a time while eight remain
+ * (the caller goes on one code point at a time: a non-ASCII letter may follow). */
+static inline size_t ascii_letters_end(const uint8_t *s, size_t n, size_t i) {
+    const uint64_t high = 0x8080808080808080ull;
+    while (i + 8 <= n) {
+        uint64_t word = load64(s + i);
+        uint64_t low = (word | 0x2020202020202020ull) & 0x7F7F7F7F7F7F7F7Full; /* A-Z as a-z; no carry below */
+        uint64_t letters = (low + 0x1F1F1F1F1F1F1F1Full) & ~(low + 0x0505050505050505ull) & ~word & high; /* 'a' <= byte <= 'z' */
+        if (letters != high) return i + ((size_t)__builtin_ctzll(~letters & high) >> 3);
+        i += 8;
+    }
+    return i;
+}
+
 /* Where the piece of GPT-2's pattern that starts at s[i] ends:
  *   's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+        */
 static inline size_t piece_end(const Gpt2Bpe *b, const uint8_t *s, size_t n, size_t i) {
@@ -410,6 +439,7 @@ static inline size_t piece_end(const Gpt2Bpe *b, const uint8_t *s, size_t n, siz
         }
     }
     if (kind != SPACE) {
+        if (kind == LETTER) end = ascii_letters_end(s, n, end);
         while (end < n && class_at(b, s, end, &after) == kind) end = after;
         return end;
     }
@@ -455,7 +485,7 @@ size_t gpt2_bpe_encode(const Gpt2Bpe *b, Gpt2Cache *cache, const uint8_t *s, siz
                 continue;
             }
             CacheEntry *entry = cache && size >= 3 && size <= CACHE_KEY_BYTES ? &cache->entries[(hashes[k] >> 8) % CACHE_ENTRIES] : NULL;
-            if (entry && entry->size == size && memcmp(entry->key, piece, size) == 0) {
+            if (entry && entry->size == size && same_bytes(entry->key, piece, size)) {
                 memcpy(out + written, entry->tokens, entry->count * sizeof(uint32_t));
                 written += entry->count;
                 continue;
