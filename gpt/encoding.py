@@ -119,7 +119,7 @@ def gpt2_ranks() -> dict[bytes, int]:
     gpt2_file("encoder.json")  # its checks come first, cached or not
     path = ranks_cache_path()
     try:
-        data = path.read_bytes()
+        data = memoryview(path.read_bytes())
         if hashlib.sha256(data[32:]).digest() == data[:32]:
             ranks = marshal.loads(data[32:])
             if isinstance(ranks, dict) and len(ranks) == N_VOCAB - 1:

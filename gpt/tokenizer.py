@@ -218,6 +218,18 @@ def _reencoded(job: _Job, ids: np.ndarray, lengths: np.ndarray, differing: np.nd
     return np.concatenate(documents), np.array([len(document) for document in documents], np.int64)
 
 
+def _eot_before_each(ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """uint16: EOT, document 0's ids, EOT, document 1's ids, … (GPT-2's ids fit), written straight
+    into the one array (no uint32 copy: less fresh memory, which a new process pays for in page faults)."""
+    tokens = np.empty(len(ids) + len(lengths), np.uint16)
+    at = start = 0
+    for length in lengths.tolist():
+        tokens[at] = EOT
+        tokens[at + 1 : at + 1 + length] = ids[start : start + length]
+        at, start = at + 1 + length, start + length
+    return tokens
+
+
 def _finisher(config: TokenizeConfig, engine: Engine, checks: _RefereeThread | None,
               file_keys: list[str]) -> Callable[[_Job, Encoded], _Tokenized]:
     """What an encoder's thread does with its answer: tiktoken's checks of the engine (none
@@ -243,14 +255,13 @@ def _finisher(config: TokenizeConfig, engine: Engine, checks: _RefereeThread | N
         rows = job.rows.tolist()
         is_val = np.fromiter((is_val_document(config.seed, key, row, config.val_fraction) for row in rows),
                              dtype=bool, count=len(rows))
-        starts = np.cumsum(lengths) - lengths
         return _Tokenized(
             file_index=job.file_index,
             rows=job.rows,
             lengths=lengths,
             is_val=is_val,
             text_bytes=np.frombuffer(encoded.sizes, np.int64),
-            tokens=np.insert(ids, starts, EOT).astype(np.uint16),  # EOT before every document; ids < 50257
+            tokens=_eot_before_each(ids, lengths),
             skipped_empty=job.skipped_empty,
             invalid_utf8=int(np.count_nonzero(np.frombuffer(encoded.invalid, np.uint8))),
             token_count_mismatches=mismatches,
