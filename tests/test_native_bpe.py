@@ -59,6 +59,28 @@ def test_long_pieces_and_empty_texts(native):
     assert lengths[0] == 0 and lengths.sum() == len(tokens)
 
 
+def test_a_batch_larger_than_one_calls_room_is_encoded_in_several_calls(native, monkeypatch):
+    """The tokens buffer of one C call is kept small (TOKENS_PER_CALL); a batch that may need more
+    is encoded in several calls, a text longer than the room in a call of its own, and the ids
+    are the same as in one call."""
+    texts = adversarial_texts(300, seed=4) + ["", "a" * 5000, "🙂" * 3000, "x"]
+    in_one_call = native.encode_batch(texts)
+    calls = []
+    real_batch = native.lib.gpt2_bpe_encode_batch
+
+    def counted(*arguments):
+        calls.append(arguments[7])  # the room
+        return real_batch(*arguments)
+
+    monkeypatch.setattr(native_bpe, "TOKENS_PER_CALL", 2000)
+    monkeypatch.setattr(native.lib, "gpt2_bpe_encode_batch", counted)
+    in_small_calls = native.encode_batch(texts)
+    assert len(calls) > 10 and max(calls) == 12000  # "🙂" * 3000: 12,000 bytes, alone in its call
+    assert in_small_calls[0].tolist() == in_one_call[0].tolist() and in_small_calls[1].tolist() == in_one_call[1].tolist()
+    assert not _differing(native, texts)
+    assert native.encode_batch([])[0].tolist() == []
+
+
 def test_invalid_utf8_is_judged_as_python_judges_it_and_repaired(native):
     rng = random.Random(5)
     pieces = [b"\xed\xa0\x80", b"\xc0\xaf", b"\xe0\x80\xaf", b"\xf4\x90\x80\x80", b"\xf0\x8f\xbf\xbf", b"\xc2", b"\xe2\x82",

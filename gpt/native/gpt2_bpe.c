@@ -504,19 +504,22 @@ size_t gpt2_bpe_encode(const Gpt2Bpe *b, Gpt2Cache *cache, const uint8_t *s, siz
 }
 
 /* Encode data[starts[k]:ends[k]] for each of `count` texts, with the calling thread's cache
- * (gpt2_cache_new; NULL: none), one after another into out (room
- * for as many tokens as the texts have bytes); lengths[k]: text k's tokens. A text that is not
- * valid UTF-8 is left out (its length 0) and flagged in invalid[k], for the caller to repair.
- * Returns the tokens written. */
+ * (gpt2_cache_new; NULL: none), one after another into out, which has room for `room` tokens.
+ * A text is encoded only while the room left is at least its bytes (a token is at least a
+ * byte); *done says how many were, and the caller passes the rest again with a new `out`.
+ * lengths[k]: text k's tokens. A text that is not valid UTF-8 is left out (its length 0) and
+ * flagged in invalid[k], for the caller to repair. Returns the tokens written. */
 size_t gpt2_bpe_encode_batch(const Gpt2Bpe *b, Gpt2Cache *cache, const uint8_t *data, const int64_t *starts, const int64_t *ends,
-                             size_t count, uint32_t *out, uint32_t *lengths, uint8_t *invalid) {
-    size_t written = 0;
-    for (size_t k = 0; k < count; k++) {
+                             size_t count, uint32_t *out, size_t room, uint32_t *lengths, uint8_t *invalid, size_t *done) {
+    size_t written = 0, k = 0;
+    for (; k < count; k++) {
         const uint8_t *text = data + starts[k];
         size_t n = (size_t)(ends[k] - starts[k]);
+        if (n > room - written) break;
         invalid[k] = !valid_utf8(text, n);
         lengths[k] = invalid[k] ? 0 : (uint32_t)gpt2_bpe_encode(b, cache, text, n, out + written);
         written += lengths[k];
     }
+    *done = k;
     return written;
 }
