@@ -215,5 +215,5 @@ class NativeBpe:
 
 
 if __name__ == "__main__":
+    gpt2_ranks()  # tiktoken's, for the referee (gpt/encoding.py): cached even where no compiler is
     print(build_library())
-    gpt2_ranks()  # tiktoken's, for the referee (gpt/encoding.py)
