@@ -91,16 +91,19 @@ def _ranks_from_encoder_json() -> dict[bytes, int]:
 
 
 def ranks_cache_path() -> Path:
-    """The ranks' cache file: named by encoder.json's sha256 and the marshal format that wrote it."""
+    """The ranks' cache file, named by what made it: encoder.json's sha256, this file (whose code
+    decodes them) and the marshal format, so an edit here or another Python never reads an old one."""
+    code = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
     python = f"py{sys.version_info.major}{sys.version_info.minor}-marshal{marshal.version}"
-    return cache_dir() / f"gpt2-ranks-{GPT2_FILE_SHA256['encoder.json'][:16]}-{python}.bin"
+    return cache_dir() / f"gpt2-ranks-{GPT2_FILE_SHA256['encoder.json'][:16]}-{code}-{python}.bin"
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
     """path holds data, or is left as it was: written under a temporary name beside it, then renamed."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, partial = tempfile.mkstemp(dir=path.parent)
+    descriptor, partial = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.", suffix=".partial")
     try:
+        os.fchmod(descriptor, 0o644)  # others sharing the cache folder may read it (mkstemp makes it 0600)
         with os.fdopen(descriptor, "wb") as file:
             file.write(data)
         os.replace(partial, path)
@@ -112,10 +115,9 @@ def _write_atomically(path: Path, data: bytes) -> None:
 
 def gpt2_ranks() -> dict[bytes, int]:
     """GPT-2's ranks (token bytes → id), decoded from the checked `encoder.json` once per machine
-    and kept in the cache folder: loading them takes ~0.007 s instead of ~0.04 s, all of it
-    holding the GIL, which the tokenize stage's encoders need while tiktoken starts beside them
-    as their referee. The file starts with its own sha256: a damaged one is decoded again; one
-    that cannot be written is skipped (it only saves time)."""
+    and kept in the cache folder: tiktoken, the tokenize stage's referee, then starts beside the
+    encoders holding the GIL for less time. The file starts with its own sha256: a damaged one is
+    decoded again; one that cannot be written is skipped (it only saves time)."""
     gpt2_file("encoder.json")  # its checks come first, cached or not
     path = ranks_cache_path()
     try:

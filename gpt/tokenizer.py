@@ -227,6 +227,8 @@ def _eot_before_each(ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         tokens[at] = EOT
         tokens[at + 1 : at + 1 + length] = ids[start : start + length]
         at, start = at + 1 + length, start + length
+    if start != len(ids):  # np.empty: a slot left unwritten would reach a shard
+        raise TokenizeError(f"an encoder answered {len(ids)} tokens but lengths adding up to {start}; set tokenize.engine=tiktoken")
     return tokens
 
 

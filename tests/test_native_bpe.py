@@ -61,10 +61,12 @@ def test_long_pieces_and_empty_texts(native):
 
 def test_a_batch_larger_than_one_calls_room_is_encoded_in_several_calls(native, monkeypatch):
     """The tokens buffer of one C call is kept small (TOKENS_PER_CALL); a batch that may need more
-    is encoded in several calls, a text longer than the room in a call of its own, and the ids
-    are the same as in one call."""
+    is encoded in several calls, a text longer than the room in a call whose room is its size,
+    and the ids are the same as in one call, invalid UTF-8 (repaired, then encoded again) included."""
     texts = adversarial_texts(300, seed=4) + ["", "a" * 5000, "🙂" * 3000, "x"]
-    in_one_call = native.encode_batch(texts)
+    raw = [t.encode("utf-8", "surrogatepass") for t in texts] + [b"ok \xff\xfe bad", b"\xed\xa0\x80" * 700]
+    ends = np.cumsum([len(r) for r in raw], dtype=np.int64)
+    in_one_call = native.encode_spans(b"".join(raw), ends - [len(r) for r in raw], ends)
     calls = []
     real_batch = native.lib.gpt2_bpe_encode_batch
 
@@ -74,11 +76,30 @@ def test_a_batch_larger_than_one_calls_room_is_encoded_in_several_calls(native, 
 
     monkeypatch.setattr(native_bpe, "TOKENS_PER_CALL", 2000)
     monkeypatch.setattr(native.lib, "gpt2_bpe_encode_batch", counted)
-    in_small_calls = native.encode_batch(texts)
-    assert len(calls) > 10 and max(calls) == 12000  # "🙂" * 3000: 12,000 bytes, alone in its call
-    assert in_small_calls[0].tolist() == in_one_call[0].tolist() and in_small_calls[1].tolist() == in_one_call[1].tolist()
+    in_small_calls = native.encode_spans(b"".join(raw), ends - [len(r) for r in raw], ends)
+    assert len(calls) > 10 and max(calls) == 12000  # "🙂" * 3000: 12,000 bytes, so a room of its size
+    assert all(a.tolist() == b.tolist() for a, b in zip(in_small_calls, in_one_call))
+    assert in_one_call[2].sum() >= 2  # the invalid texts took the repair path
     assert not _differing(native, texts)
     assert native.encode_batch([])[0].tolist() == []
+
+
+def test_a_text_exactly_as_long_as_the_room_left_is_encoded_in_that_call(native, monkeypatch):
+    """The C call takes a text while the room left is at least its bytes: at exactly that, it fits."""
+    monkeypatch.setattr(native_bpe, "TOKENS_PER_CALL", 8)
+    calls = []
+    real_batch = native.lib.gpt2_bpe_encode_batch
+
+    def counted(*arguments):
+        finished = real_batch(*arguments)
+        calls.append((arguments[5], arguments[10]._obj.value))  # texts offered, texts taken
+        return finished
+
+    monkeypatch.setattr(native.lib, "gpt2_bpe_encode_batch", counted)
+    texts = ["\x01\x02\x03", "\x04\x05\x06\x07\x08", "\t"]  # 3 + 5 bytes, each a token of its own: 8
+    tokens, lengths = native.encode_batch(texts)
+    assert calls == [(3, 2), (1, 1)] and lengths.tolist() == [3, 5, 1]
+    assert tokens.tolist() == [t for text in texts for t in gpt2_encoding().encode_ordinary(text)]
 
 
 def test_invalid_utf8_is_judged_as_python_judges_it_and_repaired(native):

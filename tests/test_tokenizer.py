@@ -1,7 +1,9 @@
 """GPT-2 built offline, and the tokenize stage: EOT per document, document-level split,
 shards identical for any worker count, bad rows counted instead of crashing."""
 
+import hashlib
 import json
+import marshal
 import os
 import random
 import subprocess
@@ -88,6 +90,11 @@ def test_ranks_are_decoded_once_per_machine_and_a_damaged_cache_file_is_decoded_
 
     cached.write_bytes(written[:1000])  # cut short
     assert gpt2_ranks() == decoded and cached.read_bytes() == written
+
+    not_ranks = marshal.dumps([1, 2, 3])  # intact, but not the ranks
+    cached.write_bytes(hashlib.sha256(not_ranks).digest() + not_ranks)
+    assert gpt2_ranks() == decoded and cached.read_bytes() == written
+    assert cached.stat().st_mode & 0o777 == 0o644
 
     (tmp_path / "not-a-folder").write_text("")
     monkeypatch.setenv("FINEWEB_NATIVE_CACHE", str(tmp_path / "not-a-folder"))
@@ -348,3 +355,11 @@ def test_non_parquet_input_is_a_one_line_error(tmp_path):
     junk.write_text("not parquet at all")
     with pytest.raises(TokenizeError, match=r"junk.parquet is not a readable parquet file .*re-run the download stage"):
         tokenize_parquet([junk], tmp_path / "out", TokenizeConfig(num_workers=1))
+
+
+def test_eots_are_written_before_each_document_and_lengths_that_do_not_add_up_are_refused():
+    ids = np.array([5, 6, 7, 8, 9], np.uint32)
+    assert tokenizer._eot_before_each(ids, np.array([2, 0, 3])).tolist() == [EOT, 5, 6, EOT, EOT, 7, 8, 9]
+    with pytest.raises(TokenizeError, match="answered 5 tokens but lengths adding up to 4") as error:
+        tokenizer._eot_before_each(ids, np.array([2, 2]))  # the fifth slot would be left unwritten
+    assert "\n" not in str(error.value)

@@ -23,6 +23,10 @@
 
 #include "unicode_classes.h"
 
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "ascii_letters_end reads eight bytes as one little-endian word"
+#endif
+
 enum { OTHER = 0, LETTER = 1, NUMBER = 2, SPACE = 3 };
 #define NO_RANK 0xFFFFFFFFu
 #define STACK_PARTS 64
@@ -142,7 +146,9 @@ void gpt2_bpe_free(Gpt2Bpe *b) {
     }
 }
 
-/* A table for `count` tokens: token t is bytes[starts[t]:starts[t + 1]]. NULL when out of memory. */
+/* A table for `count` tokens: token t is bytes[starts[t]:starts[t + 1]]. NULL when out of memory,
+ * or when the table's assumptions fail: a token of 0 or over 255 bytes, 16 MB of tokens or more,
+ * ASCII letters other than a-z and A-Z. */
 static Gpt2Bpe *gpt2_bpe_new(const uint8_t *bytes, const uint64_t *starts, uint32_t count) {
     if (count == 0 || starts[count] >= (1u << 24)) return NULL; /* a slot keeps 24 bits of where */
     for (uint32_t t = 0; t < count; t++)
@@ -250,7 +256,7 @@ static size_t read_token(const char *json, size_t n, size_t i, const int byte_of
 
 /* A table from GPT-2's encoder.json (json[0:n], {"token": rank, ...}): ranks 0..count-1 must
  * each appear once; larger ones ("<|endoftext|>") are left out. NULL when it is not such a
- * file or memory runs out. */
+ * file, memory runs out or gpt2_bpe_new refuses the tokens. */
 Gpt2Bpe *gpt2_bpe_new_from_encoder_json(const char *json, size_t n, uint32_t count) {
     int byte_of[ALPHABET_SIZE];
     byte_level_alphabet(byte_of);
