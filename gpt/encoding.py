@@ -18,7 +18,6 @@ import json
 import marshal
 import os
 import sys
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from typing import Any
 import tiktoken
 from tiktoken_ext.openai_public import r50k_pat_str
 
-from configs.errors import UserError
+from configs.errors import DiskFull, UserError
 
 EOT = 50256  # <|endoftext|>: written before every document, and a document boundary when sampling
 EOT_TEXT = "<|endoftext|>"
@@ -98,21 +97,6 @@ def ranks_cache_path() -> Path:
     return cache_dir() / f"gpt2-ranks-{GPT2_FILE_SHA256['encoder.json'][:16]}-{code}-{python}.bin"
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    """path holds data, or is left as it was: written under a temporary name beside it, then renamed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, partial = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.", suffix=".partial")
-    try:
-        os.fchmod(descriptor, 0o644)  # others sharing the cache folder may read it (mkstemp makes it 0600)
-        with os.fdopen(descriptor, "wb") as file:
-            file.write(data)
-        os.replace(partial, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(partial)
-        raise
-
-
 def gpt2_ranks() -> dict[bytes, int]:
     """GPT-2's ranks (token bytes → id), decoded from the checked `encoder.json` once per machine
     and kept in the cache folder: tiktoken, the tokenize stage's referee, then starts beside the
@@ -130,8 +114,13 @@ def gpt2_ranks() -> dict[bytes, int]:
         pass
     ranks = _ranks_from_encoder_json()
     payload = marshal.dumps(ranks)
-    with contextlib.suppress(OSError):
-        _write_atomically(path, hashlib.sha256(payload).digest() + payload)
+    from storage.artifacts import atomic_file  # here: it imports pydantic, and evaluation imports this module
+
+    with contextlib.suppress(OSError, DiskFull):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(path) as partial:
+            partial.write_bytes(hashlib.sha256(payload).digest() + payload)
+            partial.chmod(0o644)  # others sharing the cache folder may read it
     return ranks
 
 

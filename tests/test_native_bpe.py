@@ -59,6 +59,20 @@ def test_long_pieces_and_empty_texts(native):
     assert lengths[0] == 0 and lengths.sum() == len(tokens)
 
 
+def _c_calls(native, monkeypatch) -> list[tuple[int, int, int]]:
+    """(room, texts offered, texts taken) of each call the engine makes to C from now on."""
+    calls = []
+    real_batch = native.lib.gpt2_bpe_encode_batch
+
+    def recorded(*arguments):
+        written = real_batch(*arguments)
+        calls.append((arguments[7], arguments[5], arguments[10]._obj.value))
+        return written
+
+    monkeypatch.setattr(native.lib, "gpt2_bpe_encode_batch", recorded)
+    return calls
+
+
 def test_a_batch_larger_than_one_calls_room_is_encoded_in_several_calls(native, monkeypatch):
     """The tokens buffer of one C call is kept small (TOKENS_PER_CALL); a batch that may need more
     is encoded in several calls, a text longer than the room in a call whose room is its size,
@@ -67,17 +81,10 @@ def test_a_batch_larger_than_one_calls_room_is_encoded_in_several_calls(native, 
     raw = [t.encode("utf-8", "surrogatepass") for t in texts] + [b"ok \xff\xfe bad", b"\xed\xa0\x80" * 700]
     ends = np.cumsum([len(r) for r in raw], dtype=np.int64)
     in_one_call = native.encode_spans(b"".join(raw), ends - [len(r) for r in raw], ends)
-    calls = []
-    real_batch = native.lib.gpt2_bpe_encode_batch
-
-    def counted(*arguments):
-        calls.append(arguments[7])  # the room
-        return real_batch(*arguments)
-
     monkeypatch.setattr(native_bpe, "TOKENS_PER_CALL", 2000)
-    monkeypatch.setattr(native.lib, "gpt2_bpe_encode_batch", counted)
+    calls = _c_calls(native, monkeypatch)
     in_small_calls = native.encode_spans(b"".join(raw), ends - [len(r) for r in raw], ends)
-    assert len(calls) > 10 and max(calls) == 12000  # "🙂" * 3000: 12,000 bytes, so a room of its size
+    assert len(calls) > 10 and max(room for room, _, _ in calls) == 12000  # "🙂" * 3000: 12,000 bytes, so a room of its size
     assert all(a.tolist() == b.tolist() for a, b in zip(in_small_calls, in_one_call))
     assert in_one_call[2].sum() >= 2  # the invalid texts took the repair path
     assert not _differing(native, texts)
@@ -87,18 +94,10 @@ def test_a_batch_larger_than_one_calls_room_is_encoded_in_several_calls(native, 
 def test_a_text_exactly_as_long_as_the_room_left_is_encoded_in_that_call(native, monkeypatch):
     """The C call takes a text while the room left is at least its bytes: at exactly that, it fits."""
     monkeypatch.setattr(native_bpe, "TOKENS_PER_CALL", 8)
-    calls = []
-    real_batch = native.lib.gpt2_bpe_encode_batch
-
-    def counted(*arguments):
-        finished = real_batch(*arguments)
-        calls.append((arguments[5], arguments[10]._obj.value))  # texts offered, texts taken
-        return finished
-
-    monkeypatch.setattr(native.lib, "gpt2_bpe_encode_batch", counted)
+    calls = _c_calls(native, monkeypatch)
     texts = ["\x01\x02\x03", "\x04\x05\x06\x07\x08", "\t"]  # 3 + 5 bytes, each a token of its own: 8
     tokens, lengths = native.encode_batch(texts)
-    assert calls == [(3, 2), (1, 1)] and lengths.tolist() == [3, 5, 1]
+    assert [(offered, taken) for _, offered, taken in calls] == [(3, 2), (1, 1)] and lengths.tolist() == [3, 5, 1]
     assert tokens.tolist() == [t for text in texts for t in gpt2_encoding().encode_ordinary(text)]
 
 
